@@ -1,0 +1,48 @@
+# Every target installs what it needs: `make run` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TOOLS := .tools/bin
+HELM ?= $(shell command -v helm 2>/dev/null || echo $(CURDIR)/$(TOOLS)/helm)
+export HELM
+
+.PHONY: install run test bench lint tools image scale clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Serves the embedded demo model on :8080 unless ARGS name another (e.g. ARGS="--model_dir /path").
+run: install
+	$(PY) -m predictor $(ARGS)
+
+test: install tools
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m predictor bench $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check predictor tests build
+
+tools: $(TOOLS)/helm
+
+$(TOOLS)/helm: build/fetch_tools.py
+	@if command -v helm >/dev/null 2>&1; then mkdir -p $(TOOLS) && ln -sf "$$(command -v helm)" $@; \
+	else $(PYTHON) build/fetch_tools.py $(TOOLS); fi
+
+# make image MODEL=<catalog name | model dir> TAG=<registry/repo:tag> [PUSH=1]
+image: install
+	$(PY) build/build_image.py --model "$(MODEL)" --tag "$(TAG)" $(if $(PUSH),--push,)
+
+# make scale NAME=<release> REPLICAS=N [NAMESPACE=ns]
+scale:
+	kubectl $(if $(NAMESPACE),-n $(NAMESPACE),) patch inferenceservice "$(NAME)" --type merge \
+	  -p '{"spec":{"predictor":{"minReplicas":$(REPLICAS),"maxReplicas":$(REPLICAS)}}}'
+
+clean:
+	rm -rf $(VENV) .tools .cache build/context
