@@ -1,0 +1,141 @@
+{{/*
+The deployment plan, as JSON: served name, tensor parallel layout and the GPU sizing check.
+
+It reads the model's entry from catalog.yaml (the image build's catalog, symlinked into the chart and
+packaged with it) or model.custom, and fails the install with a clear message when
+  - the tensor parallel size does not divide the attention heads and the KV heads,
+  - a pod would need more GPUs than a node has,
+  - one GPU cannot hold its share of the weights plus the KV budget plus overhead,
+  - or the replica / multi-node settings contradict each other.
+Every number from values or the catalog arrives as float64 (Helm decodes YAML numbers so).
+*/}}
+{{- define "llm-predictor.plan" -}}
+{{- $v := .Values }}
+{{- $m := $v.model }}
+{{- $GiB := 1073741824.0 }}
+{{- $dtypeBytes := dict "float32" 4.0 "float16" 2.0 "bfloat16" 2.0 }}
+
+{{- /* ---- model facts: catalog entry or custom ---- */}}
+{{- $facts := dict }}
+{{- $catalog := (.Files.Get "catalog.yaml" | fromYaml) }}
+{{- $models := (get $catalog "models") | default dict }}
+{{- if $m.catalogName }}
+{{- if not (hasKey $models $m.catalogName) }}
+{{- fail (printf "model.catalogName %q is not in the chart's catalog.yaml (known: %s). For a model that is not in the catalog, leave model.catalogName empty and describe it in model.custom." $m.catalogName (keys $models | sortAlpha | join ", ")) }}
+{{- end }}
+{{- $e := index $models $m.catalogName }}
+{{- $facts = dict "heads" $e.num_attention_heads "kvHeads" $e.num_key_value_heads "weightBytes" $e.weight_bytes "kvBytesPerToken" $e.kv_bytes_per_token "maxContext" $e.max_context "dtype" $e.dtype "defaultTp" ($e.default_tensor_parallel_size | default 1) "chatTemplate" ($e.chat_template | default "") "source" (printf "catalog entry %s" $m.catalogName) }}
+{{- else }}
+{{- $c := $m.custom | default dict }}
+{{- $facts = dict "heads" ($c.numAttentionHeads | default 0) "kvHeads" ($c.numKeyValueHeads | default 0) "weightBytes" ($c.weightBytes | default 0) "kvBytesPerToken" ($c.kvBytesPerToken | default 0) "maxContext" ($c.maxContext | default 0) "dtype" ($c.dtype | default "float16") "defaultTp" 1 "chatTemplate" "" "source" "model.custom" }}
+{{- end }}
+
+{{- $sizing := and $v.sizing.enabled $v.gpu.enabled }}
+{{- if and $sizing (not $m.catalogName) }}
+{{- range $key := list "numAttentionHeads" "numKeyValueHeads" "weightBytes" "kvBytesPerToken" "maxContext" }}
+{{- if not (get ($m.custom | default dict) $key) }}
+{{- fail (printf "model.custom.%s is required for the GPU sizing check of a model that is not in the catalog (model.catalogName is empty); fill in model.custom, or set sizing.enabled=false to skip the check" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- /* ---- served name ---- */}}
+{{- $modelName := $m.name | default $m.catalogName | default (include "llm-predictor.fullname" .) }}
+
+{{- /* ---- tensor parallel layout ---- */}}
+{{- $tp := int ($m.tensorParallelSize | default $facts.defaultTp) }}
+{{- $nodes := 1 }}
+{{- if $v.multiNode.enabled }}
+{{- $nodes = int $v.multiNode.nodes }}
+{{- if lt $nodes 2 }}
+{{- fail (printf "multiNode.nodes must be at least 2 (got %d); disable multiNode for a single pod" $nodes) }}
+{{- end }}
+{{- if not $v.gpu.enabled }}
+{{- fail "multiNode needs gpu.enabled=true: tensor parallelism across nodes runs over NCCL" }}
+{{- end }}
+{{- if ne $v.deploymentMode "Standard" }}
+{{- fail (printf "multiNode needs deploymentMode Standard (got %s): KServe's Knative mode cannot pin the head pod the workers rendezvous with" $v.deploymentMode) }}
+{{- end }}
+{{- if or (ne (int $v.minReplicas) 1) (ne (int $v.maxReplicas) 1) (ne $v.autoscaling.class "none") }}
+{{- fail (printf "multiNode serves exactly one copy of the model: set minReplicas=1, maxReplicas=1 and autoscaling.class=none (got %d, %d, %s); install a second release for a second copy" (int $v.minReplicas) (int $v.maxReplicas) $v.autoscaling.class) }}
+{{- end }}
+{{- if ne (mod $tp $nodes) 0 }}
+{{- fail (printf "model.tensorParallelSize %d cannot be split evenly over multiNode.nodes=%d: every node runs the same number of GPUs" $tp $nodes) }}
+{{- end }}
+{{- end }}
+{{- $gpusPerPod := div $tp $nodes }}
+{{- if and $v.gpu.enabled (gt $gpusPerPod (int $v.gpu.perNode)) }}
+{{- if $v.multiNode.enabled }}
+{{- fail (printf "each of the %d nodes needs %d GPUs (tensor parallel size %d / %d nodes) but gpu.perNode is %d: raise multiNode.nodes" $nodes $gpusPerPod $tp $nodes (int $v.gpu.perNode)) }}
+{{- else }}
+{{- fail (printf "tensor parallel size %d needs %d GPUs in one pod but gpu.perNode is %d: use multiNode.enabled=true with multiNode.nodes=%d, or a smaller model.tensorParallelSize if the model fits (see the sizing check)" $tp $tp (int $v.gpu.perNode) (int (ceil (divf $tp $v.gpu.perNode)))) }}
+{{- end }}
+{{- end }}
+
+{{- /* ---- replicas and autoscaling ---- */}}
+{{- if lt (int $v.maxReplicas) (int $v.minReplicas) }}
+{{- fail (printf "maxReplicas (%d) must be at least minReplicas (%d)" (int $v.maxReplicas) (int $v.minReplicas)) }}
+{{- end }}
+{{- if and (eq $v.deploymentMode "Knative") (ne $v.autoscaling.class "none") }}
+{{- fail (printf "autoscaling.class %s is for deploymentMode Standard; in Knative mode Knative's autoscaler scales between minReplicas and maxReplicas (tune autoscaling.knative.targetConcurrency)" $v.autoscaling.class) }}
+{{- end }}
+{{- if and (eq $v.deploymentMode "Standard") (eq (int $v.minReplicas) 0) (ne $v.autoscaling.class "keda") }}
+{{- fail "minReplicas 0 (scale to zero) needs deploymentMode Knative or autoscaling.class keda" }}
+{{- end }}
+
+{{- /* ---- KV budget per rank: model.kvCacheBytes, else kvSequences full-length sequences split over the ranks ---- */}}
+{{- $maxContext := float64 ($facts.maxContext | default 0) }}
+{{- $maxModelLen := float64 ($m.maxModelLen | default $maxContext) }}
+{{- if and $maxContext (gt $maxModelLen $maxContext) }}
+{{- fail (printf "model.maxModelLen %d is longer than the %d-token context of %s" (int $maxModelLen) (int $maxContext) $modelName) }}
+{{- end }}
+{{- /* weights and KV scale with the serving dtype against the dtype the facts are counted in */}}
+{{- $factor := 1.0 }}
+{{- if and (ne $m.dtype "auto") (hasKey $dtypeBytes $facts.dtype) }}
+{{- $factor = divf (get $dtypeBytes $m.dtype) (get $dtypeBytes $facts.dtype) }}
+{{- end }}
+{{- $weightBytes := mulf (float64 ($facts.weightBytes | default 0)) $factor }}
+{{- $kvPerRank := 0.0 }}
+{{- $kvDesc := "" }}
+{{- if $m.kvCacheBytes }}
+{{- $kvPerRank = float64 $m.kvCacheBytes }}
+{{- $kvDesc = "model.kvCacheBytes per GPU" }}
+{{- else if and $facts.kvBytesPerToken $maxModelLen }}
+{{- $kvPerRank = ceil (divf (mulf (float64 $facts.kvBytesPerToken) $factor $maxModelLen (float64 $v.sizing.kvSequences)) $tp) }}
+{{- $kvDesc = printf "%d sequences x %d tokens over %d GPUs" (int $v.sizing.kvSequences) (int $maxModelLen) $tp }}
+{{- end }}
+
+{{- /* ---- sizing check ---- */}}
+{{- $perGpu := 0.0 }}
+{{- if $sizing }}
+{{- $heads := int $facts.heads }}
+{{- $kvHeads := int $facts.kvHeads }}
+{{- $valid := list }}
+{{- range $i := until 65 }}
+{{- if and (gt $i 0) (eq (mod $heads $i) 0) (eq (mod $kvHeads $i) 0) }}
+{{- $valid = append $valid (toString $i) }}
+{{- end }}
+{{- end }}
+{{- if or (ne (mod $heads $tp) 0) (ne (mod $kvHeads $tp) 0) }}
+{{- fail (printf "tensor parallel size %d does not divide the %d attention heads and %d KV heads of %s (%s); valid tensor parallel sizes: %s" $tp $heads $kvHeads $modelName $facts.source (join ", " $valid)) }}
+{{- end }}
+{{- $perGpu = mulf (addf 1.0 $v.sizing.overheadFraction) (addf (divf $weightBytes $tp) $kvPerRank) }}
+{{- $gpuBytes := mulf (float64 $v.gpu.memoryGiB) $GiB }}
+{{- if gt $perGpu $gpuBytes }}
+{{- fail (printf "%s does not fit: each of the %d GPUs needs %.1f GiB (weights %.1f GiB / %d GPUs + KV cache %.1f GiB for %s, plus %.0f%% overhead) but gpu.memoryGiB is %v. Raise model.tensorParallelSize (valid: %s), lower model.maxModelLen, sizing.kvSequences or model.kvCacheBytes, or use GPUs with more memory." $modelName $tp (divf $perGpu $GiB) (divf $weightBytes $GiB) $tp (divf $kvPerRank $GiB) $kvDesc (mulf $v.sizing.overheadFraction 100.0) $v.gpu.memoryGiB (join ", " $valid)) }}
+{{- end }}
+{{- end }}
+
+{{- /* ---- startup allowance, sized for the weights one pod loads ---- */}}
+{{- $startupFailures := int $v.probes.startup.failureThreshold }}
+{{- if eq $startupFailures 0 }}
+{{- $load := divf (divf $weightBytes $nodes) (float64 $v.probes.startup.loadBytesPerSecond) }}
+{{- if eq $m.verifyWeights "full" }}
+{{- $load = mulf $load 2.0 }}
+{{- end }}
+{{- $seconds := addf (float64 $v.probes.startup.baseSeconds) $load }}
+{{- $startupFailures = int (ceil (divf $seconds (float64 $v.probes.startup.periodSeconds))) }}
+{{- end }}
+
+{{- dict "modelName" $modelName "tp" $tp "nodes" $nodes "gpusPerPod" (ternary $gpusPerPod 0 $v.gpu.enabled) "chatTemplate" ($m.chatTemplate | default $facts.chatTemplate) "weightBytes" $weightBytes "kvCacheBytesPerRank" $kvPerRank "perGpuBytes" $perGpu "startupFailureThreshold" $startupFailures | toJson }}
+{{- end }}

@@ -1,0 +1,47 @@
+"""llm-predictor: parse the settings and wire the pieces; subcommands `manifest` and `bench`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format=LOG_FORMAT)
+    if argv[:1] == ["manifest"]:
+        from predictor.manifest import manifest_main
+
+        return manifest_main(argv[1:])
+
+    from predictor.config import ConfigError, load_settings
+    from predictor.tp import launch_local_ranks, rank_from_env
+
+    try:
+        settings = load_settings(argv)
+    except ConfigError as err:
+        print(f"llm-predictor: {err}", file=sys.stderr)
+        return 2
+    rank = rank_from_env()
+    if rank is None and settings.tensor_parallel_size > 1:
+        return launch_local_ranks(settings.tensor_parallel_size, argv)
+    if rank is not None and rank.world_size != settings.tensor_parallel_size:
+        print(
+            f"llm-predictor: tensor_parallel_size {settings.tensor_parallel_size} differs from the "
+            f"{rank.world_size} ranks torchrun started",
+            file=sys.stderr,
+        )
+        return 2
+
+    from predictor.serving import run_follower, serve
+
+    if rank is None or rank.leads:
+        return serve(settings, rank)
+    return run_follower(settings, rank)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

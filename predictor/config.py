@@ -1,0 +1,112 @@
+"""Settings: CLI flags (KServe style) > env vars PREDICTOR_* > YAML file (--config) > defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ByteSize, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_MODEL_DIR = Path("/mnt/models")
+BUILTIN_CHAT_TEMPLATES = ("llama-2", "mistral", "falcon", "vicuna", "dolly", "chatml")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message is one line naming it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREDICTOR_", extra="forbid", validate_default=True)
+
+    # KServe's own flags, same names and defaults.
+    model_name: str | None = Field(None, description="Name the model is served under (default: 'model', or 'demo').")
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Hugging Face model directory.")
+    http_port: int = Field(8080, ge=1, le=65535)
+    grpc_port: int = Field(8081, ge=1, le=65535)
+    enable_grpc: bool = False
+
+    config: Path | None = Field(None, description="YAML file with any of these settings.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1, le=512)
+    max_model_len: int | None = Field(None, ge=16, description="Prompt + generated tokens per sequence.")
+    max_num_seqs: int = Field(32, ge=1, le=4096, description="Sequences decoded together in one batch.")
+    max_queue: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
+    kv_cache_bytes: ByteSize = Field(
+        ByteSize(2 * 1024**3), gt=0, description="KV cache budget per rank, e.g. 2GiB; caps max_num_seqs."
+    )
+    max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step.")
+    chat_template: str | None = Field(None, description=f"One of {BUILTIN_CHAT_TEMPLATES} or a Jinja file.")
+    api_key: SecretStr | None = Field(None, description="If set, inference routes require 'Bearer <key>'.")
+    verify_weights: Literal["off", "size", "full"] = "size"
+    trust_remote_code: bool = False
+
+    # Default generation parameters, used where a request leaves them out.
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, template: str | None) -> str | None:
+        if template and template not in BUILTIN_CHAT_TEMPLATES and not Path(template).is_file():
+            raise ValueError(f"neither a built-in ({', '.join(BUILTIN_CHAT_TEMPLATES)}) nor a readable Jinja file")
+        return template
+
+    @property
+    def serves_demo(self) -> bool:
+        """No model configured: the default directory holds no model and none was asked for."""
+        return "model_dir" not in self.model_fields_set and not (self.model_dir / "config.json").is_file()
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or ("demo" if self.serves_demo else "model")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # CLI values arrive as init kwargs (see load_settings), so they rank above env and YAML.
+        yaml_file = init_settings.init_kwargs.get("config") or os.environ.get("PREDICTOR_CONFIG")
+        sources = [init_settings, env_settings]
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def load_settings(argv: list[str]) -> Settings:
+    """Parse argv, env and the optional YAML file; raise ConfigError with one line naming the setting."""
+    try:
+        cli = CliSettingsSource(
+            Settings, cli_parse_args=argv, cli_implicit_flags=True, cli_exit_on_error=False,
+            cli_prog_name="llm-predictor",
+        )
+    except SettingsError as err:  # unknown or malformed flags
+        raise ConfigError(str(err)) from None
+    cli_values = {k: v for k, v in cli().items() if v is not None}
+    config_file = cli_values.get("config") or os.environ.get("PREDICTOR_CONFIG")
+    if config_file and not Path(config_file).is_file():
+        raise ConfigError(f"config: YAML file {config_file} does not exist")
+    try:
+        return Settings(**cli_values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        value = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
+        raise ConfigError(f"invalid setting {field}: {first['msg']}{value}") from None

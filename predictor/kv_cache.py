@@ -1,0 +1,81 @@
+"""A slot KV cache that plugs into any transformers model through the `Cache.update` hook.
+
+Each running sequence owns one slot: a row of a preallocated [slots, kv_heads, max_len, head_dim] tensor
+per layer. Running sequences are kept in slots 0..B-1 so a decode step attends over the view [:B] with no
+gather; a finished sequence's slot is refilled by moving the last one into it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class SlotKVCache(Cache):
+    def __init__(self, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(layers=[])
+        self.num_slots, self.max_len = num_slots, max_len
+        self.dtype, self.device = dtype, device
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._rows = slice(0, 0)
+        self._write_positions: torch.Tensor | None = None  # decode: one position per row
+        self._width = 0
+
+    def set_prefill(self, slot: int, length: int) -> None:
+        """The next forward writes positions [0, length) of one slot."""
+        self._rows, self._write_positions, self._width = slice(slot, slot + 1), None, length
+
+    def set_decode(self, positions: torch.Tensor) -> None:
+        """The next forward writes one token per slot 0..B-1, each at its own position."""
+        self._rows, self._write_positions = slice(0, len(positions)), positions
+        self._width = int(positions.max()) + 1
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == len(self.keys):
+            self._allocate_layer(key_states)
+        keys, values = self.keys[layer_idx][self._rows], self.values[layer_idx][self._rows]
+        if self._write_positions is None:
+            keys[:, :, : self._width] = key_states
+            values[:, :, : self._width] = value_states
+        else:
+            rows = torch.arange(len(self._write_positions), device=self.device)
+            keys[rows, :, self._write_positions] = key_states[:, :, 0]
+            values[rows, :, self._write_positions] = value_states[:, :, 0]
+        return keys[:, :, : self._width], values[:, :, : self._width]
+
+    def _allocate_layer(self, key_states: torch.Tensor) -> None:
+        shape = (self.num_slots, key_states.shape[1], self.max_len, key_states.shape[3])
+        self.keys.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.values.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for keys, values in zip(self.keys, self.values):
+            keys[dst, :, :length] = keys[src, :, :length]
+            values[dst, :, :length] = values[src, :, :length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._width
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self._width, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def kv_bytes_per_token(config, tp_size: int, dtype: torch.dtype) -> int:
+    """K and V bytes one token takes on one rank, from the model config."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_kv_heads", None)
+    if kv_heads is None:
+        kv_heads = 1 if getattr(text_config, "multi_query", False) else heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * text_config.num_hidden_layers * max(1, kv_heads // tp_size) * head_dim * element
