@@ -27,6 +27,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank = rank_from_env()
     if rank is None and settings.tensor_parallel_size > 1:
+        from predictor.loader import LoadError, check_tensor_parallel_size, load_config
+
+        if not settings.serves_demo:  # refuse before starting ranks that would all fail the same way
+            try:
+                check_tensor_parallel_size(load_config(settings.model_dir), settings.tensor_parallel_size)
+            except LoadError as err:
+                print(f"llm-predictor: {err}", file=sys.stderr)
+                return 2
         return launch_local_ranks(settings.tensor_parallel_size, argv)
     if rank is not None and rank.world_size != settings.tensor_parallel_size:
         print(

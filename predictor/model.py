@@ -51,6 +51,8 @@ class LLMModel(kserve.Model):
         tasks = [asyncio.ensure_future(self.generator.complete(ids, params)) for ids, params in jobs]
         try:
             return [_prediction(c) for c in await asyncio.gather(*tasks)]
+        except InvalidRequest as err:
+            raise InvalidInput(str(err)) from None
         finally:  # one failure (or a cancelled request) cancels the others, which frees their KV slots
             for task in tasks:
                 task.cancel()

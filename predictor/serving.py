@@ -12,7 +12,7 @@ from pathlib import Path
 import kserve
 import torch
 
-from predictor import http, loader
+from predictor import http, loader, metrics
 from predictor.chat_templates import resolve_chat_template
 from predictor.config import Settings
 from predictor.demo import ensure_demo_model
@@ -85,6 +85,7 @@ def build_generator(settings: Settings, loaded: Loaded) -> TextGenerator:
         on_fatal=_exit_soon,
     )
     engine.start()
+    metrics.watch(engine)
     template = resolve_chat_template(settings.chat_template, tokenizer)
     return TextGenerator(engine, tokenizer, template, build_defaults(settings), loaded.max_model_len)
 

@@ -1,0 +1,79 @@
+"""Start the real predictor as a subprocess on a loopback port and wait for it to be ready."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def predictor_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREDICTOR_")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2", **extra)
+    return env
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    model_name: str
+    log: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def launch(model_dir: Path, log: Path, *args: str, model_name: str = "tiny", env: dict | None = None) -> Server:
+    port = free_port()
+    command = [sys.executable, "-m", "predictor", f"--model_dir={model_dir}", f"--model_name={model_name}",
+               f"--http_port={port}", f"--grpc_port={free_port()}", *args]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env or predictor_env(), stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    return Server(process, f"http://127.0.0.1:{port}", model_name, log)
+
+
+def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> Server:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"predictor exited with {server.process.returncode}:\n{server.output()[-3000:]}")
+        try:
+            if httpx.get(f"{server.url}/v1/models/{server.model_name}", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise TimeoutError(f"predictor not ready after {timeout}s:\n{server.output()[-3000:]}")
+
+
+def start(model_dir: Path, log: Path, *args: str, **kwargs) -> Server:
+    return wait_ready(launch(model_dir, log, *args, **kwargs))
