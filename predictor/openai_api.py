@@ -31,6 +31,7 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only n=1 is served so far.")
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False
     stream: bool = Field(False, description="Streaming is not served yet.")
     user: str | None = None
 
@@ -38,7 +39,7 @@ class CompletionRequest(BaseModel):
         return {
             "max_new_tokens": self.max_tokens, "min_new_tokens": self.min_tokens, "temperature": self.temperature,
             "top_p": self.top_p, "top_k": self.top_k, "repetition_penalty": self.repetition_penalty,
-            "stop": self.stop or [], "seed": self.seed,
+            "stop": self.stop or [], "seed": self.seed, "ignore_eos": self.ignore_eos,
         }
 
 

@@ -1,0 +1,112 @@
+"""Back-pressure, cancellation and readiness of the real server."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import httpx
+
+from servers import launch, start, wait_ready
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def wait_for_metric(server, name: str, value: float, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(server, name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.05)
+
+
+def predict(server, parameters: dict, timeout: float = 120) -> httpx.Response:
+    body = {"instances": [{"prompt": "Once upon a time", "parameters": parameters}]}
+    return httpx.post(f"{server.url}/v1/models/{server.model_name}:predict", json=body, timeout=timeout)
+
+
+def abandoned_request(server, patience: float = 0.5) -> threading.Thread:
+    """A long request whose client gives up (disconnects) after `patience` seconds."""
+    body = {"model": server.model_name, "prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0,
+            "ignore_eos": True}
+
+    def run():
+        try:
+            httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=patience)
+        except httpx.TimeoutException:
+            pass
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_client_disconnect_frees_capacity(tiny_llama, tmp_path):
+    server = start(tiny_llama, tmp_path / "server.log", "--max_num_seqs=2", "--max_model_len=2048")
+    try:
+        clients = [abandoned_request(server) for _ in range(2)]
+        wait_for_metric(server, "predictor_num_requests_running", 2)
+        for client in clients:
+            client.join()
+        wait_for_metric(server, "predictor_num_requests_running", 0)
+        assert metric(server, "predictor_kv_cache_usage_ratio") == 0
+        # A full batch fits again, and is served in full.
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(predict(server, {"max_new_tokens": 5})))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [r.status_code for r in results] == [200, 200]
+        assert all(r.json()["predictions"][0]["usage"]["completion_tokens"] == 5 for r in results)
+    finally:
+        server.stop()
+
+
+def test_full_queue_answers_429_and_server_stays_up(tiny_llama, tmp_path):
+    server = start(tiny_llama, tmp_path / "server.log", "--max_num_seqs=1", "--max_queue=1", "--max_model_len=2048")
+    try:
+        clients = [abandoned_request(server, patience=5)]
+        wait_for_metric(server, "predictor_num_requests_running", 1)
+        clients.append(abandoned_request(server, patience=5))
+        wait_for_metric(server, "predictor_num_requests_waiting", 1)
+        refused = predict(server, {"max_new_tokens": 4})
+        assert refused.status_code == 429, refused.text
+        assert "max_queue" in refused.text and refused.headers["retry-after"]
+        for client in clients:
+            client.join()
+        wait_for_metric(server, "predictor_num_requests_running", 0)
+        assert predict(server, {"max_new_tokens": 4}).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_readiness_is_503_while_loading_then_200(tiny_llama, tmp_path):
+    """Full weight verification of a large file keeps the model loading long enough to observe."""
+    import shutil
+
+    from predictor.manifest import write_manifest
+
+    model_dir = shutil.copytree(tiny_llama, tmp_path / "model")
+    with open(model_dir / "extra-weights.bin.padding", "wb") as padding:
+        padding.truncate(1 << 30)  # sparse: instant to make, ~1 s to hash
+    write_manifest(model_dir)
+    server = launch(model_dir, tmp_path / "server.log", "--verify_weights=full")
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and 200 not in seen:
+            try:
+                seen.append(httpx.get(f"{server.url}/v1/models/tiny", timeout=5).status_code)
+            except httpx.TransportError:
+                pass
+            time.sleep(0.02)
+        wait_ready(server)
+    finally:
+        server.stop()
+    assert 503 in seen and seen[-1] == 200
+    assert set(seen) <= {503, 200}
