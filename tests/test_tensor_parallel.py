@@ -1,0 +1,79 @@
+"""Tensor parallelism on CPU (gloo): same greedy text as one process, refusal of bad sizes, rank failure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from conftest import greedy_reference, make_llama
+from servers import REPO, predictor_env, start
+
+PROMPTS = ["Hello", "The capital of France is", "Once upon a time, in a land far away, there lived a"]
+
+
+def ranks_of(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the processes torchrun started under our launcher."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    descendants, frontier = set(), {launcher_pid}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - descendants
+        descendants |= frontier
+    ranks = {}
+    for pid in descendants:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for var in environ:
+            if var.startswith(b"RANK="):
+                ranks[int(var[5:])] = pid
+    return ranks
+
+
+def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_path):
+    server = start(tiny_llama, tmp_path / "tp2.log", "--tensor_parallel_size=2", "--max_num_seqs=4",
+                   "--max_model_len=256")
+    try:
+        for prompt in PROMPTS:
+            body = {"model": server.model_name, "prompt": prompt, "max_tokens": 10, "temperature": 0}
+            response = httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == greedy_reference(reference, prompt, 10)
+        ranks = ranks_of(server.process.pid)
+        assert sorted(ranks) == [0, 1]
+
+        os.kill(ranks[1], signal.SIGKILL)
+        assert server.process.wait(timeout=90) != 0
+        time.sleep(1)
+        assert not Path(f"/proc/{ranks[0]}").exists() or _is_zombie(ranks[0]), "rank 0 outlived its follower"
+    finally:
+        server.stop()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def test_kv_heads_not_divisible_are_refused_at_load(tokenizer_dir, tmp_path):
+    model_dir = make_llama(tmp_path / "one-kv-head", tokenizer_dir, num_key_value_heads=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "predictor", f"--model_dir={model_dir}", "--tensor_parallel_size=2"],
+        cwd=REPO, env=predictor_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "tensor_parallel_size: 2 does not divide" in result.stderr
+    assert "1 KV heads" in result.stderr
