@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"llm-predictor: {err}", file=sys.stderr)
         return 2
+    if not settings.serves_demo and not (settings.model_dir / "config.json").is_file():
+        print(f"llm-predictor: model_dir: {settings.model_dir} has no config.json", file=sys.stderr)
+        return 2
     rank = rank_from_env()
     if rank is None and settings.tensor_parallel_size > 1:
         from predictor.loader import LoadError, check_tensor_parallel_size, load_config
