@@ -44,6 +44,8 @@ class StopMatcher:
 
     def feed(self, delta: str, check: bool = True) -> str:
         """Append delta; return the text now safe to release. With check=False nothing can stop yet."""
+        if self.stopped:
+            return ""
         self.text += delta
         if not self.stops or not check:
             return self._release(len(self.text))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -55,7 +57,7 @@ class SequenceSampler:
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
 
     def choose(self, logits: torch.Tensor, generated: int) -> int:
         params = self.params
@@ -106,8 +108,8 @@ def _keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 def _keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True)
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
-    return logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token crossing top_p
+    return logits.masked_fill(_unsort(drop_sorted, order), float("-inf"))
 
 
 def _keep_typical(logits: torch.Tensor, mass: float) -> torch.Tensor:
@@ -115,7 +117,12 @@ def _keep_typical(logits: torch.Tensor, mass: float) -> torch.Tensor:
     probs = log_probs.exp()
     entropy = -(torch.nan_to_num(log_probs) * probs).sum()
     surprise_gap = (-log_probs - entropy).abs()
-    sorted_gap, order = torch.sort(surprise_gap)
+    order = torch.argsort(surprise_gap)
     cumulative = probs[order].cumsum(dim=-1)
     drop_sorted = (cumulative - probs[order]) >= mass
-    return logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    return logits.masked_fill(_unsort(drop_sorted, order), float("-inf"))
+
+
+def _unsort(values_sorted: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Put values given in sorted order back at the positions `order` took them from."""
+    return torch.empty_like(values_sorted).scatter_(0, order, values_sorted)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from servers import start
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from predictor.demo import save_llama2_tokenizer, save_random_llama
-from servers import start
 
 # 4 query heads and 2 KV heads: tensor-parallel sizes 1 and 2 are valid.
 TINY_LLAMA = dict(

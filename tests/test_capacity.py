@@ -7,7 +7,6 @@ import threading
 import time
 
 import httpx
-
 from servers import launch, start, wait_ready
 
 

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from servers import REPO, predictor_env
 
 from predictor.config import ConfigError, load_settings
-from servers import REPO, predictor_env
 
 
 def test_cli_beats_env_beats_yaml_beats_defaults(tmp_path, monkeypatch):

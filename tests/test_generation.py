@@ -6,7 +6,6 @@ import asyncio
 
 import httpx
 import pytest
-
 from conftest import greedy_reference
 
 PROMPTS = [

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from conftest import greedy_reference, make_llama
 from servers import REPO, predictor_env, start
 
