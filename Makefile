@@ -27,7 +27,7 @@ bench: install
 	$(PY) -m predictor bench $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check predictor tests build
+	$(VENV)/bin/ruff check predictor tests build examples
 
 tools: $(TOOLS)/helm
 
@@ -35,7 +35,7 @@ $(TOOLS)/helm: build/fetch_tools.py
 	@if command -v helm >/dev/null 2>&1; then mkdir -p $(TOOLS) && ln -sf "$$(command -v helm)" $@; \
 	else $(PYTHON) build/fetch_tools.py $(TOOLS); fi
 
-# make image MODEL=<catalog name | model dir> TAG=<registry/repo:tag> [PUSH=1]
+# make image MODEL=<catalog name | model dir | demo> TAG=<registry/repo:tag> [MODEL_DIR=<weights of a catalog name>] [PUSH=1]
 image: install
 	$(PY) build/build_image.py --model "$(MODEL)" --tag "$(TAG)" $(if $(PUSH),--push,)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def find_helm() -> str | None:
 
 
 class HelmError(Exception):
-    """helm exited non-zero; the message is its stderr."""
+    """helm exited non-zero; the message is its output."""
 
 
 def _run_helm(args: list[str]) -> str:
@@ -36,7 +37,7 @@ def _run_helm(args: list[str]) -> str:
     assert helm, "helm not found"
     proc = subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        raise HelmError(proc.stderr.strip() or proc.stdout.strip())
+        raise HelmError(f"{proc.stdout.strip()}\n{proc.stderr.strip()}".strip())
     return proc.stdout
 
 
@@ -56,10 +57,10 @@ def template(*values_files: str, overrides: dict | None = None, release: str = "
              namespace: str = "llm") -> list[dict[str, Any]]:
     """`helm template` the chart; the rendered objects (empty documents dropped)."""
     key = yaml.safe_dump(overrides) if overrides else ""
-    return [dict(doc) for doc in _template_cached(values_files, key, release, namespace)]
+    return copy.deepcopy(list(_template_cached(values_files, key, release, namespace)))  # callers may mutate
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template_cached(values_files: tuple[str, ...], overrides_yaml: str, release: str,
                      namespace: str) -> tuple[dict[str, Any], ...]:
     overrides = yaml.safe_load(overrides_yaml) if overrides_yaml else None
@@ -194,9 +195,8 @@ def differences(expected: Any, actual: Any, path: str = "") -> list[str]:
 
 def predictor_pod(isvc: dict) -> dict:
     """A Pod with the predictor's pod-spec fields, to validate them against Kubernetes' own schema."""
-    from kubernetes.client.models import V1PodSpec
-
     import kserve.models
+    from kubernetes.client.models import V1PodSpec
 
     pod_keys = set(V1PodSpec.attribute_map.values())
     extension_keys = set(kserve.models.V1beta1ComponentExtensionSpec.attribute_map.values())

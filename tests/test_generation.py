@@ -183,3 +183,18 @@ def test_invalid_openai_requests_are_4xx(server, body, field):
     response = httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=30)
     assert 400 <= response.status_code < 500, response.text
     assert field in response.text
+
+
+def test_openai_client_parses_completions_chat_and_models(server, reference):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused")
+    completion = client.completions.create(model=server.model_name, prompt="Hello", max_tokens=7, temperature=0)
+    assert completion.choices[0].text == greedy_reference(reference, "Hello", 7)
+    assert completion.usage.completion_tokens <= 7
+    chat = client.chat.completions.create(model=server.model_name, max_tokens=5, temperature=0,
+                                          messages=[{"role": "user", "content": "Hi there"}])
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
+    assert [m.id for m in client.models.list()] == [server.model_name]
+    kserve_list = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+    assert kserve_list == {"models": [server.model_name]}

@@ -79,6 +79,9 @@ Every number from values or the catalog arrives as float64 (Helm decodes YAML nu
 {{- if and (eq $v.deploymentMode "Knative") (ne $v.autoscaling.class "none") }}
 {{- fail (printf "autoscaling.class %s is for deploymentMode Standard; in Knative mode Knative's autoscaler scales between minReplicas and maxReplicas (tune autoscaling.knative.targetConcurrency)" $v.autoscaling.class) }}
 {{- end }}
+{{- if and (eq $v.deploymentMode "Standard") (eq $v.autoscaling.class "none") (ne (int $v.minReplicas) (int $v.maxReplicas)) }}
+{{- fail (printf "autoscaling.class none runs a fixed number of replicas, but minReplicas (%d) and maxReplicas (%d) differ: set both to the same number, or use autoscaling.class hpa or keda" (int $v.minReplicas) (int $v.maxReplicas)) }}
+{{- end }}
 {{- if and (eq $v.deploymentMode "Standard") (eq (int $v.minReplicas) 0) (ne $v.autoscaling.class "keda") }}
 {{- fail "minReplicas 0 (scale to zero) needs deploymentMode Knative or autoscaling.class keda" }}
 {{- end }}
