@@ -10,7 +10,7 @@ import torch
 from servers import start
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from predictor.demo import save_llama2_tokenizer, save_random_llama
+from predictor.demo import cache_dir, save_llama2_tokenizer, save_random_llama
 
 # 4 query heads and 2 KV heads: tensor-parallel sizes 1 and 2 are valid.
 TINY_LLAMA = dict(
@@ -22,7 +22,7 @@ TINY_LLAMA = dict(
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("llama2-tokenizer")
-    save_llama2_tokenizer(path, tmp_path_factory.mktemp("downloads"))
+    save_llama2_tokenizer(path, cache_dir())  # the vocab download, when needed, is kept under .cache/
     return path
 
 
