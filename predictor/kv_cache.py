@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from predictor.loader import head_counts
+
 
 class SlotKVCache(Cache):
     def __init__(self, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
@@ -72,10 +74,7 @@ class SlotKVCache(Cache):
 def kv_bytes_per_token(config, tp_size: int, dtype: torch.dtype) -> int:
     """K and V bytes one token takes on one rank, from the model config."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_kv_heads", None)
-    if kv_heads is None:
-        kv_heads = 1 if getattr(text_config, "multi_query", False) else heads
+    heads, kv_heads = head_counts(text_config)
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * text_config.num_hidden_layers * max(1, kv_heads // tp_size) * head_dim * element

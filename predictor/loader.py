@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from predictor import manifest
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,11 +40,8 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
 
 
 def head_counts(config) -> tuple[int, int]:
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
-    if kv_heads is None:
-        kv_heads = 1 if getattr(config, "multi_query", False) else heads
-    return heads, kv_heads
+    """(attention heads, KV heads), with the manifest's rules for Falcon's multi-query and grouped variants."""
+    return manifest.head_counts(config.to_dict(), Path("config.json"))
 
 
 def check_tensor_parallel_size(config, tp_size: int) -> None:
