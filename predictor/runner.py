@@ -47,6 +47,7 @@ class ModelRunner:
         )
         return out.logits[:, -1]
 
+    @torch.inference_mode()  # followers in tensor parallelism replay this outside the engine's inference mode
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)
 

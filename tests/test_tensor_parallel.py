@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from conftest import greedy_reference, make_llama
 from servers import REPO, predictor_env, start
+from test_generation import _post_all
 
 PROMPTS = ["Hello", "The capital of France is", "Once upon a time, in a land far away, there lived a"]
 
@@ -41,14 +42,17 @@ def ranks_of(launcher_pid: int) -> dict[int, int]:
 
 
 def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_path):
-    server = start(tiny_llama, tmp_path / "tp2.log", "--tensor_parallel_size=2", "--max_num_seqs=4",
+    server = start(tiny_llama, tmp_path / "tp2.log", "--tensor_parallel_size=2", "--max_num_seqs=6",
                    "--max_model_len=256")
     try:
-        for prompt in PROMPTS:
-            body = {"model": server.model_name, "prompt": prompt, "max_tokens": 10, "temperature": 0}
-            response = httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=120)
+        # Concurrent, different lengths: sequences finish out of slot order, so the ranks also move KV slots.
+        bodies = [{"model": server.model_name, "prompt": p, "max_tokens": 4 + 3 * i, "temperature": 0}
+                  for i, p in enumerate(PROMPTS * 2)]
+        responses = asyncio.run(_post_all(f"{server.url}/openai/v1/completions", bodies))
+        for body, response in zip(bodies, responses):
             assert response.status_code == 200, response.text
-            assert response.json()["choices"][0]["text"] == greedy_reference(reference, prompt, 10)
+            expected = greedy_reference(reference, body["prompt"], body["max_tokens"])
+            assert response.json()["choices"][0]["text"] == expected
         ranks = ranks_of(server.process.pid)
         assert sorted(ranks) == [0, 1]
 
