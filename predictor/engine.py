@@ -105,9 +105,11 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # index == KV cache slot
         self._pending = 0  # submitted, not yet admitted (read from the event loop)
+        self._embeds: set[asyncio.Future] = set()  # embedding jobs not yet answered (event-loop side)
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
+        self._draining = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------------
@@ -134,9 +136,22 @@ class Engine:
             "kv_cache_usage": used / (self.num_slots * self.max_model_len),
         }
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+    def begin_drain(self) -> None:
+        """Refuse new work (503); what is queued or running goes on to the end."""
+        self._draining = True
+
+    async def drained(self, poll_s: float = 0.05) -> None:
+        while self._pending or self._running or self._embeds:
+            await asyncio.sleep(poll_s)
+
+    def _check_admitting(self) -> None:
         if not self.alive:
             raise EngineUnavailable(f"engine is not running: {self.error or 'stopped'}")
+        if self._draining:
+            raise EngineUnavailable("server is shutting down")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+        self._check_admitting()
         if not prompt_ids:
             raise InvalidRequest("prompt", "must not be empty")
         if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
@@ -154,6 +169,19 @@ class Engine:
         self._pending += 1
         self._inbox.put(("add", _Sequence(stream.id, list(prompt_ids), params, sampler, stream)))
         return stream
+
+    def embed(self, prompt_ids: list[int]) -> asyncio.Future[list[float]]:
+        """The prompt's mean-pooled, L2-normalised last hidden state, computed between batch steps."""
+        self._check_admitting()
+        if not prompt_ids:
+            raise InvalidRequest("input", "must not be empty")
+        if len(prompt_ids) > self.max_model_len:
+            raise InvalidRequest("input", f"{len(prompt_ids)} tokens exceed max_model_len ({self.max_model_len})")
+        self._loop = self._loop or asyncio.get_running_loop()
+        future = self._loop.create_future()
+        self._embeds.add(future)
+        self._inbox.put(("embed", (list(prompt_ids), future)))
+        return future
 
     def abort(self, request_id: int) -> None:
         self._inbox.put(("abort", request_id))
@@ -196,6 +224,8 @@ class Engine:
             kind, payload = item
             if kind == "add":
                 self._waiting.append(payload)
+            elif kind == "embed":
+                self._run_embedding(*payload)
             else:
                 self._cancel(payload, events)
             try:
@@ -217,6 +247,21 @@ class Engine:
                 self._release(slot)
                 events.append((seq.stream, [], len(seq.generated), "cancelled", None))
                 return
+
+    def _run_embedding(self, prompt_ids: list[int], future: asyncio.Future) -> None:
+        vector = self.runner.embed(prompt_ids)
+        self._call_loop(self._answer_embedding, future, vector.tolist())
+
+    def _answer_embedding(self, future: asyncio.Future, vector: list[float]) -> None:
+        self._embeds.discard(future)
+        if not future.done():
+            future.set_result(vector)
+
+    def _fail_embeddings(self, message: str) -> None:
+        for future in self._embeds:
+            if not future.done():
+                future.set_exception(EngineUnavailable(f"engine failed: {message}"))
+        self._embeds.clear()
 
     def _admit(self, events: list) -> None:
         budget, admitted = self.max_prefill_tokens, 0
@@ -277,6 +322,7 @@ class Engine:
         self._waiting.clear()
         self._running.clear()
         self._emit(failed)
+        self._call_loop(self._fail_embeddings, str(err))
 
 
 class GenerationStream:

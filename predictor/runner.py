@@ -47,6 +47,13 @@ class ModelRunner:
         )
         return out.logits[:, -1]
 
+    @torch.inference_mode()
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        """Mean of the last hidden states over the prompt, L2-normalised: [H] on the CPU. Leaves the cache alone."""
+        ids = torch.tensor([token_ids], device=self.device)
+        hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        return torch.nn.functional.normalize(hidden.float().mean(dim=0), dim=0).cpu()
+
     @torch.inference_mode()  # followers in tensor parallelism replay this outside the engine's inference mode
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)

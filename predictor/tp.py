@@ -83,6 +83,10 @@ class LeaderRunner:
         self._announce("decode", token_ids, positions)
         return self.runner.decode(token_ids, positions)
 
+    def embed(self, token_ids):
+        self._announce("embed", token_ids)
+        return self.runner.embed(token_ids)
+
     def move(self, src, dst, length):
         self._announce("move", src, dst, length)
         self.runner.move(src, dst, length)
