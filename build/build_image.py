@@ -24,8 +24,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from predictor.catalog import CatalogError, load_catalog
-from predictor.manifest import (
+from predictor.catalog import CatalogError, load_catalog  # noqa: E402 - after the sys.path insert
+from predictor.manifest import (  # noqa: E402
     ManifestError,
     architecture_facts,
     manifest_digest,

@@ -46,7 +46,12 @@ class Settings(BaseSettings):
     )
     max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step.")
     chat_template: str | None = Field(None, description=f"One of {BUILTIN_CHAT_TEMPLATES} or a Jinja file.")
+    max_request_bytes: int = Field(4 * 2**20, ge=1024, description="Larger request bodies are refused with 413.")
     api_key: SecretStr | None = Field(None, description="If set, inference routes require 'Bearer <key>'.")
+    enable_shutdown: bool = Field(
+        False, description="Serve POST /shutdown (drain, then every rank exits 0); off since anyone who can reach "
+        "the port could stop the server."
+    )
     verify_weights: Literal["off", "size", "full"] = "size"
     trust_remote_code: bool = False
 

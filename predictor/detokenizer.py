@@ -73,3 +73,21 @@ class StopMatcher:
         upto = max(upto, self.released)
         out, self.released = self.text[self.released : upto], upto
         return out
+
+
+class TokenTexts:
+    """A token's text as it reads mid-sentence: SentencePiece drops a leading space when a token is decoded alone,
+    so decode it after an anchor token and cut the anchor's text off."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+        self.anchor_text = tokenizer.decode(self.anchor)
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode(self.anchor + [token_id])[len(self.anchor_text) :]
+            self.cache[token_id] = text
+        return text

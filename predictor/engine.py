@@ -11,6 +11,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Literal
 import torch
 
 from predictor.detokenizer import IncrementalDetokenizer, StopMatcher
-from predictor.sampling import SamplingParams, SequenceSampler, sample_batch
+from predictor.sampling import SamplingParams, SequenceSampler, TokenLogprob, sample_batch, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class EngineUnavailable(EngineError):
 class Delta:
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
+    token_texts: list[str] | None = None  # each token's share of `text`, with logprobs
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Engine:
         max_prefill_tokens: int,
         eos_token_ids: set[int],
         on_fatal: Callable[[BaseException], None] = lambda err: None,
+        on_finished: Callable[[GenerationStream, Finished], None] = lambda stream, event: None,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -100,6 +104,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = eos_token_ids
         self.on_fatal = on_fatal
+        self.on_finished = on_finished
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
@@ -240,12 +245,12 @@ class Engine:
             if seq.id == request_id:
                 self._waiting.remove(seq)
                 self._call_loop(self._admitted, 1)
-                events.append((seq.stream, [], 0, "cancelled", None))
+                events.append((seq.stream, [], 0, "cancelled", None, None))
                 return
         for slot, seq in enumerate(self._running):
             if seq.id == request_id:
                 self._release(slot)
-                events.append((seq.stream, [], len(seq.generated), "cancelled", None))
+                events.append((seq.stream, [], len(seq.generated), "cancelled", None, None))
                 return
 
     def _run_embedding(self, prompt_ids: list[int], future: asyncio.Future) -> None:
@@ -274,9 +279,9 @@ class Engine:
             budget -= len(seq.prompt_ids)
             slot = len(self._running)
             self._running.append(seq)
-            logits = self.runner.prefill(slot, seq.prompt_ids)
-            token = sample_batch(logits[None], [seq.sampler], [0])[0]
-            self._append_token(slot, token, events)
+            logits = self.runner.prefill(slot, seq.prompt_ids)[None]
+            tokens = sample_batch(logits, [seq.sampler], [0])
+            self._append_token(slot, tokens[0], _logprobs_of(logits, [seq], tokens)[0], events)
         if admitted:
             self._call_loop(self._admitted, admitted)
 
@@ -284,11 +289,12 @@ class Engine:
         running = self._running
         logits = self.runner.decode([s.generated[-1] for s in running], [s.next_position for s in running])
         tokens = sample_batch(logits, [s.sampler for s in running], [len(s.generated) for s in running])
+        logprobs = _logprobs_of(logits, running, tokens)
         # Walk backwards: releasing slot i moves the last sequence into it.
         for slot in reversed(range(len(running))):
-            self._append_token(slot, tokens[slot], events)
+            self._append_token(slot, tokens[slot], logprobs[slot], events)
 
-    def _append_token(self, slot: int, token: int, events: list) -> None:
+    def _append_token(self, slot: int, token: int, logprob: TokenLogprob | None, events: list) -> None:
         seq = self._running[slot]
         seq.generated.append(token)
         reason: FinishReason | None = None
@@ -297,7 +303,7 @@ class Engine:
         elif len(seq.generated) >= seq.params.max_new_tokens or seq.next_position + 1 >= self.max_model_len:
             reason = "length"
         shown = [] if reason == "stop" else [token]
-        events.append((seq.stream, shown, len(seq.generated), reason, None))
+        events.append((seq.stream, shown, len(seq.generated), reason, None, [logprob] if shown and logprob else None))
         if reason:
             self._release(slot)
 
@@ -318,11 +324,20 @@ class Engine:
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _fail_all(self, err: BaseException) -> None:
-        failed = [(s.stream, [], len(s.generated), "error", str(err)) for s in (*self._waiting, *self._running)]
+        failed = [(s.stream, [], len(s.generated), "error", str(err), None) for s in (*self._waiting, *self._running)]
         self._waiting.clear()
         self._running.clear()
         self._emit(failed)
         self._call_loop(self._fail_embeddings, str(err))
+
+
+def _logprobs_of(logits: torch.Tensor, seqs: list[_Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    result: list[TokenLogprob | None] = [None] * len(seqs)
+    if rows:
+        for row, logprob in zip(rows, token_logprobs(logits, rows, tokens, [seqs[r].params.logprobs for r in rows])):
+            result[row] = logprob
+    return result
 
 
 class GenerationStream:
@@ -333,6 +348,10 @@ class GenerationStream:
         self.id = request_id
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.token_gaps: list[float] = []  # seconds between consecutive token deliveries
         self._min_new_tokens = params.min_new_tokens
         self._events: asyncio.Queue[Delta | Finished] = asyncio.Queue()
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
@@ -359,13 +378,23 @@ class GenerationStream:
         if not self._finished:
             self.engine.abort(self.id)
 
-    def _receive(self, tokens: list[int], generated: int, reason: FinishReason | None, error: str | None) -> None:
+    def _receive(
+        self, tokens: list[int], generated: int, reason: FinishReason | None, error: str | None,
+        logprobs: list[TokenLogprob] | None,
+    ) -> None:
         if self._finished:
             return
         self.completion_tokens = generated
-        text = "".join(self._detokenizer.push(t) for t in tokens)
+        if tokens:
+            self._note_arrival(time.monotonic())
+        pieces = [self._detokenizer.push(t) for t in tokens]
         if reason:
-            text += self._detokenizer.flush()
+            tail = self._detokenizer.flush()
+            if pieces:
+                pieces[-1] += tail
+            elif tail:
+                pieces = [tail]
+        text = "".join(pieces)
         released = self._stops.feed(text, check=generated > self._min_new_tokens)
         if self._stops.stopped:
             if not reason:
@@ -374,7 +403,16 @@ class GenerationStream:
         elif reason:
             released += self._stops.flush()
         if released or tokens:
-            self._events.put_nowait(Delta(released, tokens))
+            self._events.put_nowait(Delta(released, tokens, logprobs, pieces if logprobs else None))
         if reason:
             self._finished = True
-            self._events.put_nowait(Finished(reason, self.prompt_tokens, generated, error))
+            finished = Finished(reason, self.prompt_tokens, generated, error)
+            self._events.put_nowait(finished)
+            self.engine.on_finished(self, finished)
+
+    def _note_arrival(self, now: float) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = now
+        else:
+            self.token_gaps.append(now - self.last_token_at)
+        self.last_token_at = now

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from predictor.dialogs import check_dialog, control_strings
 from predictor.engine import Delta, Engine, Finished, GenerationStream, InvalidRequest
 from predictor.sampling import SamplingParams
 
@@ -42,18 +44,25 @@ class TextGenerator:
         return self.tokenizer(prompt).input_ids
 
     def encode_chat(self, messages: list) -> list[int]:
+        """The dialog's prompt ids; DialogError (a 400) for bad roles or text that could forge a turn."""
+        if not isinstance(messages, list):
+            raise InvalidRequest("messages", "must be a list of {role, content} messages")
         try:
             checked = [ChatMessage.model_validate(m).model_dump() for m in messages]
         except ValidationError as err:
             raise InvalidRequest("messages", _first_error(err)) from None
-        if not checked:
-            raise InvalidRequest("messages", "must hold at least one message")
         if self.chat_template is None:
             raise InvalidRequest("messages", "this model has no chat template; start it with --chat_template")
+        check_dialog(checked, self.forbidden_in_messages)
         text = self.tokenizer.apply_chat_template(
             checked, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
         )
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    @cached_property
+    def forbidden_in_messages(self) -> tuple[str, ...]:
+        """The chat template's turn markers and the tokenizer's special tokens (see predictor/dialogs.py)."""
+        return control_strings(self.chat_template, self.tokenizer)
 
     def sampling_params(self, parameters: dict | None, prompt_len: int) -> SamplingParams:
         """Request parameters over the server defaults; max_new_tokens defaults to what fits the context."""

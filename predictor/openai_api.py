@@ -1,61 +1,25 @@
-"""OpenAI-compatible completions under /openai/v1 (KServe's prefix) and /v1."""
+"""OpenAI-compatible completions, chat completions and models under /openai/v1 (KServe's prefix) and /v1."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
-from openai.types import Completion, CompletionChoice, CompletionUsage, Model
-from openai.types.chat import ChatCompletion, ChatCompletionMessage
-from openai.types.chat.chat_completion import Choice as ChatChoice
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import StreamingResponse
+from openai.types import Completion, Model
+from openai.types.chat import ChatCompletion
+from pydantic import BaseModel
 
-from predictor.engine import EngineUnavailable, InvalidRequest
+from predictor.engine import Delta, EngineUnavailable, Finished, GenerationStream, InvalidRequest
 from predictor.generation import TextGenerator
+from predictor.openai_choices import ChatChoices, Choices, CompletionChoices
+from predictor.openai_protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 DISCONNECT_POLL_S = 0.1
-
-
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    max_tokens: int | None = Field(16, ge=1)
-    min_tokens: int = Field(0, ge=0)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is served so far.")
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    stream: bool = Field(False, description="Streaming is not served yet.")
-    user: str | None = None
-
-    def sampling(self) -> dict:
-        return {
-            "max_new_tokens": self.max_tokens, "min_new_tokens": self.min_tokens, "temperature": self.temperature,
-            "top_p": self.top_p, "top_k": self.top_k, "repetition_penalty": self.repetition_penalty,
-            "stop": self.stop or [], "seed": self.seed, "ignore_eos": self.ignore_eos,
-        }
-
-
-class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
-
-
-class ChatMessageIn(BaseModel):
-    role: str
-    content: str
-
-
-class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessageIn]
-    max_tokens: int | None = Field(None, ge=1)
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def completions_router(model_name: str, generator: Callable[[], TextGenerator | None]) -> APIRouter:
@@ -67,8 +31,6 @@ def completions_router(model_name: str, generator: Callable[[], TextGenerator | 
             raise EngineUnavailable(f"model {model_name} is still loading")
         if body.model != model_name:
             raise InvalidRequest("model", f"unknown model {body.model!r}; this server serves {model_name!r}")
-        if body.stream:
-            raise InvalidRequest("stream", "streaming is not supported yet")
         return text_generator
 
     @router.get("/openai/v1/models")  # not /v1/models: that is KServe's V1 model list
@@ -76,58 +38,100 @@ def completions_router(model_name: str, generator: Callable[[], TextGenerator | 
         model = Model(id=model_name, created=int(time.time()), object="model", owned_by="llm-predictor")
         return {"object": "list", "data": [model.model_dump()]}
 
-    @router.post("/openai/v1/chat/completions", response_model=ChatCompletion)
+    @router.post("/openai/v1/chat/completions", response_model=ChatCompletion,
+                 responses={200: {"content": {"text/event-stream": {}}}})
     @router.post("/v1/chat/completions", response_model=ChatCompletion, include_in_schema=False)
-    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> ChatCompletion:
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         text_generator = checked(body)
-        prompt_ids = text_generator.encode_chat([m.model_dump() for m in body.messages])
-        params = text_generator.sampling_params(body.sampling(), len(prompt_ids))
-        completion = await _until_disconnected(request, text_generator.complete(prompt_ids, params))
-        return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            object="chat.completion",
-            created=int(time.time()),
-            model=model_name,
-            choices=[ChatChoice(index=0, finish_reason=completion.finish_reason, logprobs=None,
-                                message=ChatCompletionMessage(role="assistant", content=completion.text))],
-            usage=_usage([completion]),
-        )
+        prompt_ids = text_generator.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        choices = ChatChoices(model_name, text_generator.tokenizer, body.n, body.include_usage)
+        return await _respond(request, body, text_generator, [prompt_ids], choices)
 
-    @router.post("/openai/v1/completions", response_model=Completion)
+    @router.post("/openai/v1/completions", response_model=Completion,
+                 responses={200: {"content": {"text/event-stream": {}}}})
     @router.post("/v1/completions", response_model=Completion, include_in_schema=False)
-    async def create_completion(body: CompletionRequest, request: Request) -> Completion:
+    async def create_completion(body: CompletionRequest, request: Request):
         text_generator = checked(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
+        prompts = body.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidRequest("prompt", "must not be empty")
-        jobs = []
-        for prompt in prompts:
-            prompt_ids = text_generator.encode_prompt(prompt)
-            jobs.append((prompt_ids, text_generator.sampling_params(body.sampling(), len(prompt_ids))))
-        completions = await _until_disconnected(
-            request, asyncio.gather(*(text_generator.complete(ids, params) for ids, params in jobs))
-        )
-        return Completion(
-            id=f"cmpl-{uuid.uuid4().hex}",
-            object="text_completion",
-            created=int(time.time()),
-            model=model_name,
-            choices=[
-                CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, logprobs=None)
-                for i, c in enumerate(completions)
-            ],
-            usage=_usage(completions),
-        )
+        if len(prompts) > MAX_PROMPTS:
+            raise InvalidRequest("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        prompt_ids = [_prompt_ids(text_generator, p) for p in prompts]
+        echoed = [text_generator.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids] \
+            if body.echo else None
+        choices = CompletionChoices(model_name, text_generator.tokenizer, body.n, body.include_usage, echoed)
+        return await _respond(request, body, text_generator, prompt_ids, choices)
 
     return router
 
 
-def _usage(completions) -> CompletionUsage:
-    return CompletionUsage(
-        prompt_tokens=sum(c.prompt_tokens for c in completions),
-        completion_tokens=sum(c.completion_tokens for c in completions),
-        total_tokens=sum(c.prompt_tokens + c.completion_tokens for c in completions),
-    )
+def _prompt_ids(text_generator: TextGenerator, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return text_generator.encode_prompt(prompt)
+    vocab = len(text_generator.tokenizer)
+    if any(not 0 <= t < vocab for t in prompt):
+        raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
+    return list(prompt)
+
+
+async def _respond(request: Request, body: SamplingFields, text_generator: TextGenerator,
+                   prompt_ids: list[list[int]], choices: Choices):
+    params = [text_generator.sampling_params(body.sampling(j), len(ids)) for ids in prompt_ids for j in range(body.n)]
+    streams = _start_all(text_generator, [ids for ids in prompt_ids for _ in range(body.n)], params)
+    events = _merged(streams)
+    if body.stream:
+        return StreamingResponse(_sse(choices.chunks(events)), media_type="text/event-stream", headers=STREAM_HEADERS)
+    return await _until_disconnected(request, choices.collect(events))
+
+
+def _start_all(text_generator: TextGenerator, prompt_ids: list[list[int]], params) -> list[GenerationStream]:
+    """Submit every choice, or none: if one is refused (queue full), the ones already queued are cancelled."""
+    streams: list[GenerationStream] = []
+    try:
+        for ids, choice_params in zip(prompt_ids, params, strict=True):
+            streams.append(text_generator.start(ids, choice_params))
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams
+
+
+async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Delta | Finished]]:
+    """(choice index, event) from every stream as events arrive; closing this cancels what is unfinished."""
+    if len(streams) == 1:
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            streams[0].cancel()
+        return
+    arrivals: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: GenerationStream) -> None:
+        async for event in stream:
+            arrivals.put_nowait((index, event))
+
+    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    unfinished = len(streams)
+    try:
+        while unfinished:
+            index, event = await arrivals.get()
+            unfinished -= isinstance(event, Finished)
+            yield index, event
+    finally:
+        for task in pumps:
+            task.cancel()
+        for stream in streams:
+            stream.cancel()
+
+
+async def _sse(chunks: AsyncIterator[BaseModel | dict]) -> AsyncIterator[str]:
+    async for chunk in chunks:
+        data = chunk.model_dump_json(warnings=False) if isinstance(chunk, BaseModel) else json.dumps(chunk)
+        yield f"data: {data}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 async def _until_disconnected(request: Request, work):
@@ -139,3 +143,4 @@ async def _until_disconnected(request: Request, work):
             task.cancel()
             break
     return await task
+

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,6 +22,9 @@ class SamplingParams(BaseModel):
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     typical_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted once per seen token.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted per occurrence.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives to report with each token.")
     stop: list[str] = Field(default_factory=list, max_length=16)
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
@@ -42,9 +47,22 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
     @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy with no logits processing: the whole batch row is one argmax."""
-        return self.greedy and self.repetition_penalty == 1.0
+        return self.greedy and not self.penalized
+
+
+@dataclass
+class TokenLogprob:
+    """A chosen token's log-probability under the model, with the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 class SequenceSampler:
@@ -53,7 +71,8 @@ class SequenceSampler:
     def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int], device: torch.device):
         self.params = params
         self.stop_ids = stop_ids
-        self.seen = list(prompt_ids)
+        self.seen = list(prompt_ids)  # what the repetition penalty looks at
+        self.output_counts: Counter[int] = Counter()  # what presence and frequency penalties look at
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -64,6 +83,8 @@ class SequenceSampler:
         logits = logits.float()
         if params.repetition_penalty != 1.0:
             logits = _penalize_repetition(logits, self.seen, params.repetition_penalty)
+        if self.output_counts and (params.presence_penalty or params.frequency_penalty):
+            logits = _penalize_presence_and_frequency(logits, self.output_counts, params)
         if generated < params.min_new_tokens and self.stop_ids:
             logits[list(self.stop_ids)] = float("-inf")
         if params.greedy:
@@ -87,9 +108,30 @@ def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler], generate
         if not fast[row]:
             tokens[row] = sampler.choose(logits[row], count)
     for sampler, token in zip(samplers, tokens):
-        if sampler.params.repetition_penalty != 1.0:
+        if sampler.params.penalized:
             sampler.seen.append(token)
+            sampler.output_counts[token] += 1
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """Log-probabilities of the chosen tokens of `rows` under the model's own (unprocessed) distribution."""
+    log_probs = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen = log_probs.gather(1, torch.tensor([[tokens[r]] for r in rows], device=logits.device))[:, 0].tolist()
+    most = max(tops)
+    top_values, top_ids = log_probs.topk(most, dim=-1) if most else (None, None)
+    result = []
+    for i, (row, k) in enumerate(zip(rows, tops)):
+        top = list(zip(top_ids[i, :k].tolist(), top_values[i, :k].tolist())) if k else []
+        result.append(TokenLogprob(tokens[row], chosen[i], top))
+    return result
+
+
+def _penalize_presence_and_frequency(logits: torch.Tensor, counts: Counter[int], params: SamplingParams):
+    ids = torch.tensor(list(counts), device=logits.device)
+    occurrences = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    logits[ids] -= params.presence_penalty + params.frequency_penalty * occurrences
+    return logits
 
 
 def _penalize_repetition(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:

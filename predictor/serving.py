@@ -103,7 +103,8 @@ def serve(settings: Settings, rank: Rank | None) -> int:
         http_port=settings.http_port, grpc_port=settings.grpc_port, enable_grpc=settings.enable_grpc, workers=1
     )
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    http.install(kserve.model_server.app, model, api_key)
+    http.install(kserve.model_server.app, model, api_key, settings.max_request_bytes,
+                 enable_shutdown=settings.enable_shutdown)
     server.register_model(model)
     threading.Thread(target=_load_or_exit, args=(model,), name="load", daemon=True).start()
     server.start([])

@@ -174,7 +174,7 @@ def test_too_long_prompt_is_400(server):
     "body, field",
     [
         ({"model": "tiny", "prompt": "x", "temperature": 3}, "temperature"),
-        ({"model": "tiny", "prompt": "x", "n": 2}, "n"),
+        ({"model": "tiny", "prompt": "x", "n": 17}, "n"),
         ({"model": "other", "prompt": "x"}, "model"),
         ({"model": "tiny"}, "prompt"),
     ],
