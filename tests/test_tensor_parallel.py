@@ -10,8 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+import openai
 from conftest import greedy_reference, make_llama
 from servers import REPO, predictor_env, start
+from test_embeddings import assert_close, reference_embedding
 from test_generation import _post_all
 
 PROMPTS = ["Hello", "The capital of France is", "Once upon a time, in a land far away, there lived a"]
@@ -53,6 +56,11 @@ def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_p
             assert response.status_code == 200, response.text
             expected = greedy_reference(reference, body["prompt"], body["max_tokens"])
             assert response.json()["choices"][0]["text"] == expected
+        assert_tp_embeddings_match_one_process(server, reference)
+        worker = httpx.post(f"{server.url}/worker_generate", json={"prompt": PROMPTS[1], "temperature": 0,
+                                                                   "max_new_tokens": 6, "echo": False}, timeout=60)
+        assert worker.json()["text"] == greedy_reference(reference, PROMPTS[1], 6)
+        assert_tp_streams_n_choices_with_logprobs(server, reference)
         ranks = ranks_of(server.process.pid)
         assert sorted(ranks) == [0, 1]
 
@@ -62,6 +70,29 @@ def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_p
         assert not Path(f"/proc/{ranks[0]}").exists() or _is_zombie(ranks[0]), "rank 0 outlived its follower"
     finally:
         server.stop()
+
+
+def assert_tp_embeddings_match_one_process(server, reference) -> None:
+    """Sharded, the mean-pooled hidden state must still be the whole model's (gathered across ranks)."""
+    _, tokenizer = reference
+    response = httpx.post(f"{server.url}/openai/v1/embeddings", json={"model": server.model_name, "input": PROMPTS},
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    for item, prompt in zip(response.json()["data"], PROMPTS):
+        assert_close(item["embedding"], reference_embedding(reference, tokenizer(prompt).input_ids))
+
+
+def assert_tp_streams_n_choices_with_logprobs(server, reference) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+    stream = client.completions.create(model=server.model_name, prompt=PROMPTS[2], max_tokens=5, temperature=0,
+                                       n=2, logprobs=1, stream=True)
+    texts, logprobs = {0: "", 1: ""}, {0: [], 1: []}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            logprobs[choice.index] += choice.logprobs.token_logprobs if choice.logprobs else []
+    assert texts[0] == texts[1] == greedy_reference(reference, PROMPTS[2], 5)
+    assert len(logprobs[0]) == 5 and logprobs[0] == logprobs[1]
 
 
 def _is_zombie(pid: int) -> bool:

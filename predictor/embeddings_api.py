@@ -1,0 +1,140 @@
+"""Embeddings: OpenAI's /openai/v1/embeddings (also under /v1) and llm-api's /embeddings.
+
+A text's embedding is the served model's last hidden state, mean-pooled over its tokens and L2-normalised,
+computed by the engine between batch steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+from collections.abc import Callable
+from typing import Literal
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from openai.types import CreateEmbeddingResponse, Embedding
+from openai.types.create_embedding_response import Usage
+from pydantic import BaseModel, ConfigDict, Field
+
+from predictor.engine import EngineUnavailable, InvalidRequest
+from predictor.generation import TextGenerator
+
+MAX_EMBEDDING_INPUTS = 256
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request: one text, texts, one token-id list, or token-id lists."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="Only the model's hidden size is served.")
+    user: str | None = None
+
+
+class TextEmbeddingRequest(BaseModel):
+    """llm-api's embeddings request; the answer is the bare vector."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+
+
+def embeddings_router(model_name: str, generator: Callable[[], TextGenerator | None]) -> APIRouter:
+    router = APIRouter()
+
+    def ready() -> TextGenerator:
+        text_generator = generator()
+        if text_generator is None:
+            raise EngineUnavailable(f"model {model_name} is still loading")
+        return text_generator
+
+    @router.post("/openai/v1/embeddings", responses={200: {"model": CreateEmbeddingResponse}})
+    @router.post("/v1/embeddings", responses={200: {"model": CreateEmbeddingResponse}}, include_in_schema=False)
+    async def create_embeddings(body: EmbeddingRequest) -> JSONResponse:
+        text_generator = ready()
+        if body.model != model_name:
+            raise InvalidRequest("model", f"unknown model {body.model!r}; this server serves {model_name!r}")
+        config = _model_config(text_generator)
+        if body.dimensions is not None and body.dimensions != config.hidden_size:
+            raise InvalidRequest("dimensions", f"must be this model's hidden size ({config.hidden_size}) or left out")
+        inputs = _token_lists(text_generator, body.input, config.vocab_size)
+        vectors = await _embed_all(text_generator, inputs)
+        response = CreateEmbeddingResponse(
+            object="list",
+            model=model_name,
+            data=[Embedding(object="embedding", index=i, embedding=v) for i, v in enumerate(vectors)],
+            usage=Usage(prompt_tokens=sum(map(len, inputs)), total_tokens=sum(map(len, inputs))),
+        )
+        payload = response.model_dump()
+        if body.encoding_format == "base64":
+            for item in payload["data"]:
+                item["embedding"] = _base64_floats(item["embedding"])
+        return JSONResponse(payload)
+
+    @router.post("/embeddings", response_model=list[float])
+    async def text_embedding(body: TextEmbeddingRequest) -> list[float]:
+        text_generator = ready()
+        (vector,) = await _embed_all(text_generator, [_encode_text(text_generator, body.text, "text")])
+        return vector
+
+    return router
+
+
+def _model_config(text_generator: TextGenerator):
+    runner = text_generator.engine.runner
+    runner = getattr(runner, "runner", runner)  # tensor parallelism wraps rank 0's runner
+    return runner.model.config.get_text_config()
+
+
+def _token_lists(text_generator: TextGenerator, given, vocab_size: int) -> list[list[int]]:
+    """The request's input as one token-id list per embedding, each checked."""
+    if isinstance(given, str):
+        return [_encode_text(text_generator, given, "input")]
+    if not given:
+        raise InvalidRequest("input", "must not be empty")
+    if len(given) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest("input", f"{len(given)} inputs exceed the limit of {MAX_EMBEDDING_INPUTS} per request")
+    if isinstance(given[0], str):
+        return [_encode_text(text_generator, text, f"input[{i}]") for i, text in enumerate(given)]
+    if isinstance(given[0], int):
+        given = [given]
+    for i, ids in enumerate(given):
+        _check_token_ids(ids, vocab_size, f"input[{i}]", text_generator.max_model_len)
+    return given
+
+
+def _encode_text(text_generator: TextGenerator, text: str, field: str) -> list[int]:
+    if not text:
+        raise InvalidRequest(field, "must not be an empty string")
+    ids = text_generator.tokenizer(text).input_ids
+    _check_length(ids, field, text_generator.max_model_len)
+    return ids
+
+
+def _check_token_ids(ids: list[int], vocab_size: int, field: str, max_model_len: int) -> None:
+    if not ids:
+        raise InvalidRequest(field, "must not be an empty token list")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(field, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    _check_length(ids, field, max_model_len)
+
+
+def _check_length(ids: list[int], field: str, max_model_len: int) -> None:
+    # The engine checks too; checking every input first names the one at fault and starts no work for the rest.
+    if len(ids) > max_model_len:
+        raise InvalidRequest(field, f"{len(ids)} tokens exceed max_model_len ({max_model_len})")
+
+
+async def _embed_all(text_generator: TextGenerator, inputs: list[list[int]]) -> list[list[float]]:
+    return list(await asyncio.gather(*(text_generator.engine.embed(ids) for ids in inputs)))
+
+
+def _base64_floats(vector: list[float]) -> str:
+    """OpenAI's base64 form: the little-endian float32 bytes."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
