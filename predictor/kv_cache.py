@@ -22,6 +22,7 @@ class SlotKVCache(Cache):
         self.values: list[torch.Tensor] = []
         self._rows = slice(0, 0)
         self._write_positions: torch.Tensor | None = None  # decode: one position per row
+        self._write_rows: torch.Tensor | None = None  # decode: the rows of a layer's flat [slots*heads*len, dim] view
         self._width = 0
 
     def set_prefill(self, slot: int, length: int) -> None:
@@ -30,21 +31,30 @@ class SlotKVCache(Cache):
 
     def set_decode(self, positions: torch.Tensor) -> None:
         """The next forward writes one token per slot 0..B-1, each at its own position."""
-        self._rows, self._write_positions = slice(0, len(positions)), positions
+        self._rows, self._write_positions, self._write_rows = slice(0, len(positions)), positions, None
         self._width = int(positions.max()) + 1
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx == len(self.keys):
             self._allocate_layer(key_states)
-        keys, values = self.keys[layer_idx][self._rows], self.values[layer_idx][self._rows]
+        all_keys, all_values = self.keys[layer_idx], self.values[layer_idx]
+        keys, values = all_keys[self._rows], all_values[self._rows]
         if self._write_positions is None:
             keys[:, :, : self._width] = key_states
             values[:, :, : self._width] = value_states
         else:
-            rows = torch.arange(len(self._write_positions), device=self.device)
-            keys[rows, :, self._write_positions] = key_states[:, :, 0]
-            values[rows, :, self._write_positions] = value_states[:, :, 0]
+            # One row copy per (sequence, head) into the flat view: far cheaper than mixed slice/advanced indexing.
+            rows = self._decode_rows(key_states.shape[1])
+            all_keys.view(-1, all_keys.shape[-1]).index_copy_(0, rows, key_states.flatten(0, 2))
+            all_values.view(-1, all_values.shape[-1]).index_copy_(0, rows, value_states.flatten(0, 2))
         return keys[:, :, : self._width], values[:, :, : self._width]
+
+    def _decode_rows(self, heads: int) -> torch.Tensor:
+        if self._write_rows is None:
+            sequences = torch.arange(len(self._write_positions), device=self.device)
+            head_rows = (sequences[:, None] * heads + torch.arange(heads, device=self.device)[None, :]) * self.max_len
+            self._write_rows = (head_rows + self._write_positions[:, None]).flatten()
+        return self._write_rows
 
     def _allocate_layer(self, key_states: torch.Tensor) -> None:
         shape = (self.num_slots, key_states.shape[1], self.max_len, key_states.shape[3])
