@@ -23,8 +23,13 @@ run: install
 test: install tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install
+# Server vs raw decode loop vs one request at a time on the demo model; results under bench-results/.
+bench: $(VENV)/.bench-installed
 	$(PY) -m predictor bench $(ARGS)
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
 
 lint: install
 	$(VENV)/bin/ruff check predictor tests build examples

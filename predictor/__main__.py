@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         from predictor.manifest import manifest_main
 
         return manifest_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from predictor.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
 
     from predictor.config import ConfigError, load_settings
     from predictor.tp import launch_local_ranks, rank_from_env

@@ -45,6 +45,7 @@ class Choices:
         self.token_texts = TokenTexts(tokenizer)
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self._skeleton: dict | None = None  # a chunk with no choices, as the openai type serialises it
 
     async def collect(self, events: Events):
         texts: dict[int, list[str]] = defaultdict(list)
@@ -84,6 +85,12 @@ class Choices:
             self.prompt_tokens += event.prompt_tokens
         self.completion_tokens += event.completion_tokens
         return "length" if event.finish_reason == "length" else "stop"
+
+    def _fast_chunk(self, choice: dict) -> dict:
+        if self._skeleton is None:
+            self._skeleton = self.usage_chunk().model_dump(mode="json", warnings=False)
+            self._skeleton["usage"] = None
+        return {**self._skeleton, "choices": [choice]}
 
     def usage(self) -> CompletionUsage:
         return CompletionUsage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
@@ -130,8 +137,10 @@ class CompletionChoices(Choices):
             return []
         return [self._chunk(i, self._prefix(i), None, None) for i in range(len(self.echoed) * self.n)]
 
-    def delta_chunk(self, index, text, logprobs) -> Completion:
-        return self._chunk(index, text, None, self._logprobs(index, logprobs) if logprobs else None)
+    def delta_chunk(self, index, text, logprobs) -> Completion | dict:
+        if logprobs is None:  # the per-token hot path: a dict over the type's own skeleton, no model building
+            return self._fast_chunk({"index": index, "text": text, "finish_reason": None, "logprobs": None})
+        return self._chunk(index, text, None, self._logprobs(index, logprobs))
 
     def final_chunk(self, index, reason) -> Completion:
         return self._chunk(index, "", reason, None)
@@ -174,7 +183,10 @@ class ChatChoices(Choices):
         return [self._chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))])
                 for i in range(self.n)]
 
-    def delta_chunk(self, index, text, logprobs) -> ChatCompletionChunk:
+    def delta_chunk(self, index, text, logprobs) -> ChatCompletionChunk | dict:
+        if logprobs is None:  # the per-token hot path: a dict over the type's own skeleton, no model building
+            return self._fast_chunk({"index": index, "delta": {"content": text}, "finish_reason": None,
+                                     "logprobs": None})
         chunk_logprobs = ChunkLogprobs(content=self._logprobs(logprobs)) if logprobs else None
         return self._chunk([ChunkChoice(index=index, delta=ChoiceDelta(content=text), logprobs=chunk_logprobs)])
 

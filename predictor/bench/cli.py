@@ -1,0 +1,210 @@
+"""`llm-predictor bench`: one run measuring the raw decode loop, the server and the one-at-a-time baseline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from predictor.bench import client, machine, report, server
+from predictor.bench.baseline import BaselineResult, run_one_at_a_time
+from predictor.bench.raw_loop import load_model, median_prefill_seconds, run_raw_loop
+from predictor.bench.results import RATIO_STREAMS, BenchRun, SweepPoint
+from predictor.bench.workload import BenchRequest, build_workload, parse_range
+
+logger = logging.getLogger("predictor.bench")
+
+QUICK = dict(concurrency="1,2", prompt_tokens="16-48", max_tokens="8-16", baseline_requests=2, min_wave_requests=2)
+FULL = dict(concurrency="1,4,16,32,64", prompt_tokens="32-256", max_tokens="64-128", baseline_requests=3,
+            min_wave_requests=4)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="llm-predictor bench",
+        description="Generated tok/s, TTFT and ITL of the server with N streaming clients, against the raw batched "
+        "decode loop (the compute limit) and one request at a time, on the same prompts.",
+    )
+    parser.add_argument("--url", help="a running endpoint to measure instead of launching a local server")
+    parser.add_argument("--model", help="the served model name (default: demo, or 'model' with --model_dir)")
+    parser.add_argument("--model_dir", type=Path,
+                        help="local copy of the model for the in-process measurements (default: the demo model "
+                             "when launching locally; none with --url skips them)")
+    parser.add_argument("--concurrency", help=f"streams per wave, comma-separated (default {FULL['concurrency']})")
+    parser.add_argument("--prompt_tokens", help=f"prompt length range in tokens (default {FULL['prompt_tokens']})")
+    parser.add_argument("--max_tokens", help=f"new tokens per request, a range or one number "
+                                             f"(default {FULL['max_tokens']})")
+    parser.add_argument("--baseline_requests", type=int, help="requests for the one-at-a-time baseline (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="chooses prompt lengths, text and max_tokens")
+    parser.add_argument("--results_dir", type=Path, default=Path("bench-results"),
+                        help="each run writes a timestamped directory under it")
+    parser.add_argument("--max_num_seqs", type=int, default=64, help="local server's --max_num_seqs")
+    parser.add_argument("--max_model_len", type=int, default=512, help="local server's --max_model_len")
+    parser.add_argument("--server_args", default="", help="more flags for the local server, one shell-quoted string")
+    parser.add_argument("--api_key", help="bearer token for a server started with --api_key")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run: {QUICK['concurrency']} streams, prompts {QUICK['prompt_tokens']}, "
+                             f"max_tokens {QUICK['max_tokens']}")
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    try:
+        args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
+        args.prompt_tokens, args.max_tokens = parse_range(args.prompt_tokens), parse_range(args.max_tokens)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.url and not args.model:
+        parser.error("--url needs --model, the name the endpoint serves")
+    if min(args.concurrency) < 1:
+        parser.error("--concurrency must be positive")
+    if not args.url and args.prompt_tokens[1] + args.max_tokens[1] > args.max_model_len:
+        parser.error("the longest prompt plus max_tokens must fit --max_model_len")
+    args.model = args.model or ("model" if args.model_dir else "demo")
+    return args
+
+
+@dataclass
+class InProcess:
+    """What the in-process measurements produce for the report."""
+
+    raw_by_streams: dict
+    baseline: BaselineResult | None
+    single_prefill_s: float | None
+    notes: list[str]
+
+
+def wave_requests(workload: list[BenchRequest], concurrency: int, min_requests: int) -> list[BenchRequest]:
+    """The first `concurrency` requests; a small wave gets a few more, sent one after another per client."""
+    return workload[:max(concurrency, min_requests)]
+
+
+def measure_in_process(args, model_dir: Path, workload: list[BenchRequest], pad_id: int) -> InProcess:
+    model = load_model(model_dir)
+    run_raw_loop(model, [BenchRequest(r.prompt, r.prompt_ids, 4) for r in workload[:2]], pad_id)  # warm-up
+    single_prefill_s = median_prefill_seconds(model, wave_requests(workload, 1, args.min_wave_requests))
+    raw_by_streams = {}
+    for streams in args.concurrency:
+        raw = raw_by_streams[streams] = run_raw_loop(model, workload[:streams], pad_id)
+        logger.info("raw loop, %d streams: %.1f tok/s (prefill %.0f ms)", streams, raw.tokens_per_s,
+                    raw.prefill_s * 1000)
+    baseline = run_one_at_a_time(model, workload[:args.baseline_requests], pad_id)
+    logger.info("one at a time: %.1f tok/s", baseline.tokens_per_s)
+    notes = [_parity_note(raw_by_streams[max(args.concurrency)], baseline)]
+    del model
+    gc.collect()
+    return InProcess(raw_by_streams, baseline, single_prefill_s, notes)
+
+
+def _parity_note(raw, baseline: BaselineResult) -> str:
+    """The raw loop is only a fair limit if it computes the same greedy tokens as generate."""
+    pairs = list(zip(raw.token_ids, baseline.token_ids))
+    same = sum(a == b for a, b in pairs)
+    return f"raw loop greedy tokens equal model.generate's for {same} of {len(pairs)} requests"
+
+
+def measure_server(args, target: client.Target, workload: list[BenchRequest], local,
+                   notes: list[str]) -> list[SweepPoint]:
+    asyncio.run(client.probe(target, workload[0]))
+    if not target.include_usage:
+        notes.append("the server refuses stream_options: token counts come from finish_reason and max_tokens")
+    points = []
+    for streams in args.concurrency:
+        requests = wave_requests(workload, streams, args.min_wave_requests)
+        wave = asyncio.run(client.run_wave(target, requests, streams))
+        rss = local.peak_rss_bytes() if local else None
+        points.append(SweepPoint(streams, wave=wave, server_peak_rss_bytes=rss))
+        logger.info("server, %d streams: %.1f tok/s", streams, wave.tokens_per_s)
+        expected = sum(r.max_tokens for r in requests)
+        if wave.generated_tokens != expected:
+            notes.append(f"{streams} streams: the server generated {wave.generated_tokens} tokens, not the "
+                         f"{expected} asked for (ignore_eos not honoured?)")
+    return points
+
+
+def launch_local_server(args, run_dir: Path) -> server.LocalServer:
+    flags = [f"--max_num_seqs={args.max_num_seqs}", f"--max_model_len={args.max_model_len}",
+             *shlex.split(args.server_args)]
+    local = server.launch(run_dir / "server.log", args.model_dir, args.model, flags)
+    logger.info("waiting for the local server (pid %d) at %s", local.process.pid, local.url)
+    try:
+        server.wait_ready(local, args.model)
+    except BaseException:
+        local.stop()
+        raise
+    return local
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    for chatty in ("httpx", "matplotlib"):  # a line per request or font scan would bury the progress lines
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    run_dir = args.results_dir / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        run = measure(args, run_dir)
+    except client.ServerRefused as err:
+        print(f"llm-predictor bench: the server refused a request: {err}", file=sys.stderr)
+        return 1
+    results = report.write(run, run_dir)
+    print(results.read_text())
+    print(f"results: {results.parent} (results.md, results.png, results.json)")
+    if run.headline_point and run.headline_point.concurrency != RATIO_STREAMS:
+        print(f"(no {RATIO_STREAMS}-stream wave: the ratio below is for {run.headline_point.concurrency} streams)")
+    print(report.ratio_line(run))
+    sys.stdout.flush()
+    return 0
+
+
+def measure(args, run_dir: Path) -> BenchRun:
+    """In-process first (the server is not running yet, so both get the machine to themselves), then the server."""
+    from predictor.demo import ensure_demo_model
+
+    load_at_start = machine.load_average()
+    local_model_dir = args.model_dir or (None if args.url else ensure_demo_model())
+    notes = []
+    if local_model_dir is None:
+        notes.append("no --model_dir: the raw loop and the one-at-a-time baseline were skipped; prompts use the "
+                     "demo model's Llama-2 tokenizer")
+    tokenizer = load_tokenizer(local_model_dir or ensure_demo_model())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    count = max(max(args.concurrency), args.min_wave_requests, args.baseline_requests)
+    workload = build_workload(tokenizer, count, args.prompt_tokens, args.max_tokens, args.seed)
+
+    in_process = measure_in_process(args, local_model_dir, workload, pad_id) if local_model_dir else None
+    local = None if args.url else launch_local_server(args, run_dir)
+    try:
+        target = client.Target(args.url or local.url, args.model, args.api_key)
+        points = measure_server(args, target, workload, local, notes)
+    finally:
+        if local:
+            local.stop()
+    for point in points:
+        point.raw = in_process.raw_by_streams.get(point.concurrency) if in_process else None
+
+    return BenchRun(
+        machine=machine.describe(load_at_start),
+        model=args.model + (f" ({local_model_dir}; in process: fp32, CPU)" if local_model_dir else ""),
+        workload={
+            "prompts": f"{count} prompts of {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens cut from one fixed "
+                       f"paragraph (seed {args.seed}); N streams send the first max(N, {args.min_wave_requests})",
+            "generation": f"{args.max_tokens[0]}-{args.max_tokens[1]} new tokens per request, greedy, ignore_eos",
+        },
+        server=args.url or f"local, python -m predictor --max_num_seqs={args.max_num_seqs} "
+                           f"--max_model_len={args.max_model_len} {args.server_args}".rstrip(),
+        points=points,
+        baseline=in_process.baseline if in_process else None,
+        single_prefill_s=in_process.single_prefill_s if in_process else None,
+        notes=notes + (in_process.notes if in_process else []),
+    )

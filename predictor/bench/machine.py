@@ -1,0 +1,53 @@
+"""What the numbers were measured on: CPU, cores, threads, library versions, date."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: above the core count, other work shared the cores and the numbers are noisy."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def describe(load_at_start: float | None = None) -> dict[str, str]:
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{cpu_model()}, {usable_cores()} usable cores ({os.cpu_count()} online)",
+        "gpu": gpu,
+        "torch": f"{torch.__version__}, {torch.get_num_threads()} intra-op threads",
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load average (1 min)": f"{_fmt_load(load_at_start)} at start, {_fmt_load(load_average())} at end",
+    }
+
+
+def _fmt_load(load: float | None) -> str:
+    return "n/a" if load is None else f"{load:.2f}"

@@ -1,0 +1,47 @@
+"""`llm-predictor bench --quick` end to end on the tiny model: it writes the table and plot and prints the ratio."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from servers import predictor_env
+
+from predictor.__main__ import main
+from predictor.bench.workload import build_workload, parse_range
+
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+def test_prompts_have_the_exact_token_lengths_asked_for(reference):
+    _, tokenizer = reference
+    requests = build_workload(tokenizer, 16, (32, 256), (64, 128), seed=0)
+    assert requests == build_workload(tokenizer, 16, (32, 256), (64, 128), seed=0)
+    for request in requests:
+        assert 32 <= len(request.prompt_ids) <= 256 and 64 <= request.max_tokens <= 128
+        assert tokenizer(request.prompt).input_ids == request.prompt_ids
+
+
+def test_parse_range():
+    assert parse_range("64-128") == (64, 128)
+    assert parse_range("128") == (128, 128)
+    with pytest.raises(ValueError):
+        parse_range("9-3")
+
+
+def test_quick_bench_writes_table_plot_and_ratio(tiny_llama, tmp_path, capsys, monkeypatch):
+    for key, value in predictor_env().items():  # what the test servers run with: offline, 2 threads
+        monkeypatch.setenv(key, value)
+    code = main(["bench", "--quick", "--model_dir", str(tiny_llama), "--model", "tiny", "--concurrency", "1,2",
+                 "--results_dir", str(tmp_path)])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(rf"ratio_vs_raw_loop: {NUMBER}", lines[-1]) and float(lines[-1].split()[-1]) > 0
+
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line for line in (run_dir / "results.md").read_text().splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert all(re.fullmatch(NUMBER, cell) and float(cell) > 0 for cell in cells), row
