@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from predictor.dialogs import SPECIAL_TAGS_ERROR, SpecialTagsNotAllowed
+from predictor.disconnect import until_disconnected
 from predictor.engine import Engine, EngineUnavailable, InvalidRequest
 from predictor.generation import Completion, TextGenerator
 from predictor.model import LLMModel
@@ -28,7 +29,6 @@ from predictor.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-DISCONNECT_POLL_S = 0.1
 DEVICE_CHECK_TIMEOUT_S = 5.0
 # Kaito's llama servers' defaults for what a request leaves out; max_batch_size's is the one its docs give.
 LLAMA_TEMPERATURE = 0.6
@@ -211,7 +211,7 @@ def kaito_router(model: LLMModel, enable_shutdown: bool) -> APIRouter:
         for index, prompt in enumerate(body.prompts):
             prompt_ids = generator.encode_prompt(prompt)
             jobs.append((prompt_ids, budget.sampling(generator, prompt_ids, f"prompts.{index}")))
-        completions = await _until_disconnected(request, _complete_all(generator, jobs))
+        completions = await until_disconnected(request, _complete_all(generator, jobs))
         return GenerateResponse(results=[GenerateResult(prompt=p, response=c.text)
                                          for p, c in zip(body.prompts, completions)])
 
@@ -240,7 +240,7 @@ async def _llama_chat(generator: TextGenerator, body: LlamaChatRequest, request:
         except InvalidRequest as err:
             raise _renamed(err, field) from None
         jobs.append((prompt_ids, budget.sampling(generator, prompt_ids, field)))
-    completions = iter(await _until_disconnected(request, _complete_all(generator, [j for j in jobs if j is not None])))
+    completions = iter(await until_disconnected(request, _complete_all(generator, [j for j in jobs if j is not None])))
     results = []
     for dialog, job in zip(dialogs, jobs):
         reply = SPECIAL_TAGS_ERROR if job is None else next(completions).text
@@ -253,7 +253,7 @@ async def _falcon_chat(generator: TextGenerator, body: FalconChatRequest, reques
     _refuse_unsupported(body)
     prompt_ids = generator.encode_prompt(body.prompt)
     params = generator.sampling_params(_falcon_sampling(generator, body, len(prompt_ids)), len(prompt_ids))
-    (completion,) = await _until_disconnected(request, _complete_all(generator, [(prompt_ids, params)]))
+    (completion,) = await until_disconnected(request, _complete_all(generator, [(prompt_ids, params)]))
     return FalconChatResponse(Result=body.prompt + completion.text)
 
 
@@ -353,17 +353,6 @@ async def _complete_all(generator: TextGenerator, jobs: list[tuple[list[int], Sa
     finally:  # one failure (a full queue, say) or a cancelled request cancels the rest, freeing their KV slots
         for task in tasks:
             task.cancel()
-
-
-async def _until_disconnected(request: Request, work):
-    """Await work, cancelling it (which frees its KV cache) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if not done and await request.is_disconnected():
-            task.cancel()
-            break
-    return await task
 
 
 # ---- health and shutdown -------------------------------------------------------------------------------------

@@ -13,12 +13,12 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel
 
+from predictor.disconnect import until_disconnected
 from predictor.engine import Delta, EngineUnavailable, Finished, GenerationStream, InvalidRequest
 from predictor.generation import TextGenerator
 from predictor.openai_choices import ChatChoices, Choices, CompletionChoices
 from predictor.openai_protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, SamplingFields
 
-DISCONNECT_POLL_S = 0.1
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -82,7 +82,7 @@ async def _respond(request: Request, body: SamplingFields, text_generator: TextG
     events = _merged(streams)
     if body.stream:
         return StreamingResponse(_sse(choices.chunks(events)), media_type="text/event-stream", headers=STREAM_HEADERS)
-    return await _until_disconnected(request, choices.collect(events))
+    return await until_disconnected(request, choices.collect(events))
 
 
 def _start_all(text_generator: TextGenerator, prompt_ids: list[list[int]], params) -> list[GenerationStream]:
@@ -133,14 +133,4 @@ async def _sse(chunks: AsyncIterator[BaseModel | dict]) -> AsyncIterator[str]:
         yield f"data: {data}\n\n"
     yield "data: [DONE]\n\n"
 
-
-async def _until_disconnected(request: Request, work):
-    """Await work, cancelling it (which frees its KV cache) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if not done and await request.is_disconnected():
-            task.cancel()
-            break
-    return await task
 

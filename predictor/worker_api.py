@@ -16,9 +16,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
+from predictor.disconnect import until_disconnected
 from predictor.engine import Delta, EngineUnavailable, GenerationStream, InvalidRequest
 from predictor.generation import TextGenerator
-from predictor.openai_api import _until_disconnected
 
 # FastChat's ErrorCode.INTERNAL_ERROR and SERVER_ERROR_MSG, for a generation that fails after it started.
 INTERNAL_ERROR_CODE = 50001
@@ -123,7 +123,7 @@ def worker_router(model_name: str, generator: Callable[[], TextGenerator | None]
     @router.post("/worker_generate", response_model=WorkerOutput)
     async def worker_generate(body: WorkerGenerateRequest, request: Request) -> WorkerOutput:
         stream, prefix = start(body)
-        return await _until_disconnected(request, _last(_outputs(stream, prefix)))
+        return await until_disconnected(request, _last(_outputs(stream, prefix)))
 
     @router.post("/worker_generate_stream", response_class=StreamingResponse,
                  responses={200: {"description": "WorkerOutput JSON objects, each followed by a NUL byte"}})
