@@ -2,8 +2,9 @@
 
     make image MODEL=<catalog name | model dir> TAG=<registry/repo:tag> [PUSH=1]
 
-MODEL is a model directory, the name `demo` (the embedded CPU demo model), or a name from build/catalog.yaml
-whose weights directory is given with --model_dir or MODEL_DIR (weights are never downloaded here).
+MODEL is a model directory, the name `demo` (the embedded CPU demo model), or a name from the catalog
+(predictor/tools/catalog.yaml) whose weights directory is given with --model_dir or MODEL_DIR (weights are never
+downloaded here).
 The script validates the weights, stages build/context/, writes model/model-manifest.json there, and builds
 with docker buildx, podman or buildah, whichever works first. Registry credentials come from the engine's
 own login, or REGISTRY_USERNAME / REGISTRY_PASSWORD for a login just before the push; they never reach the
@@ -24,8 +25,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from predictor.catalog import CatalogError, load_catalog  # noqa: E402 - after the sys.path insert
-from predictor.manifest import (  # noqa: E402
+from predictor.tools.catalog import CatalogError, load_catalog  # noqa: E402 - after the sys.path insert
+from predictor.tools.manifest import (  # noqa: E402
     ManifestError,
     architecture_facts,
     manifest_digest,
@@ -62,9 +63,9 @@ def resolve_model(model: str, model_dir: str | None, catalog: dict) -> tuple[str
     """(model name, weights directory, catalog entry or None) for MODEL."""
     if model == "demo" and not model_dir:
         try:
-            from predictor.demo import ensure_demo_model
+            from predictor.tools.demo import ensure_demo_model
         except ImportError as exc:
-            raise BuildError(f"the demo model needs predictor.demo, which does not import ({exc})") from None
+            raise BuildError(f"the demo model needs predictor.tools.demo, which does not import ({exc})") from None
         return "demo", Path(ensure_demo_model()), catalog.get("demo")
     if model in catalog:
         model_dir = model_dir or os.environ.get("MODEL_DIR")
@@ -78,7 +79,7 @@ def resolve_model(model: str, model_dir: str | None, catalog: dict) -> tuple[str
     path = Path(model)
     if path.is_dir():
         return path.resolve().name, path, None
-    raise BuildError(f"{model}: neither a directory nor a model in build/catalog.yaml "
+    raise BuildError(f"{model}: neither a directory nor a model in the catalog (predictor/tools/catalog.yaml) "
                      f"(known: {', '.join(sorted(catalog))})")
 
 
@@ -87,7 +88,7 @@ def check_against_catalog(model_dir: Path, name: str, entry: dict) -> None:
     for field in CATALOG_FACTS:
         if facts[field] != entry[field]:
             raise BuildError(f"{model_dir}: not {name}'s weights: {field} is {facts[field]}, "
-                             f"build/catalog.yaml says {entry[field]}")
+                             f"the catalog (predictor/tools/catalog.yaml) says {entry[field]}")
 
 
 def model_revision(model_dir: Path, given: str | None) -> str:
@@ -239,7 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace, context_dir: Path) -> dict[str, str]:
     """Resolve, validate and stage the model; returns the build args."""
-    catalog = load_catalog(REPO_ROOT / "build" / "catalog.yaml")
+    catalog = load_catalog()
     name, model_dir, entry = resolve_model(args.model, args.model_dir, catalog)
     name = image_model_name(args.model_name or name)
     validate_model_dir(model_dir, allow_pickle=args.allow_pickle)

@@ -13,11 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format=LOG_FORMAT)
     if argv[:1] == ["manifest"]:
-        from predictor.manifest import manifest_main
+        from predictor.tools.manifest import manifest_main
 
         return manifest_main(argv[1:])
     if argv[:1] == ["bench"]:
-        from predictor.bench.cli import main as bench_main
+        from predictor.tools.bench.cli import main as bench_main
 
         return bench_main(argv[1:])
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from predictor.loader import head_counts
+from predictor import model_facts
+from predictor.loader import text_config_dict
 
 
 class SlotKVCache(Cache):
@@ -83,8 +84,5 @@ class SlotKVCache(Cache):
 
 def kv_bytes_per_token(config, tp_size: int, dtype: torch.dtype) -> int:
     """K and V bytes one token takes on one rank, from the model config."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads, kv_heads = head_counts(text_config)
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     element = torch.tensor([], dtype=dtype).element_size()
-    return 2 * text_config.num_hidden_layers * max(1, kv_heads // tp_size) * head_dim * element
+    return model_facts.config_kv_bytes_per_token(text_config_dict(config), element, tp_size)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from predictor import manifest
+from predictor import model_facts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,19 +39,19 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
-def head_counts(config) -> tuple[int, int]:
-    """(attention heads, KV heads), with the manifest's rules for Falcon's multi-query and grouped variants."""
-    return manifest.head_counts(config.to_dict(), Path("config.json"))
-
-
 def check_tensor_parallel_size(config, tp_size: int) -> None:
-    heads, kv_heads = head_counts(config)
+    heads, kv_heads = model_facts.head_counts(text_config_dict(config))
     if heads % tp_size or kv_heads % tp_size:
         valid = [n for n in range(1, heads + 1) if heads % n == 0 and kv_heads % n == 0]
         raise LoadError(
             f"tensor_parallel_size: {tp_size} does not divide the model's {heads} attention heads and "
             f"{kv_heads} KV heads; valid sizes: {valid}"
         )
+
+
+def text_config_dict(config) -> dict:
+    """The language model's part of a (possibly multimodal) transformers config, as config.json spells it."""
+    return (config.get_text_config() if hasattr(config, "get_text_config") else config).to_dict()
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):

@@ -15,13 +15,13 @@ import torch
 from predictor import http, loader, metrics
 from predictor.chat_templates import resolve_chat_template
 from predictor.config import Settings
-from predictor.demo import ensure_demo_model
 from predictor.engine import Engine
 from predictor.generation import TextGenerator
 from predictor.kv_cache import kv_bytes_per_token
-from predictor.manifest import ManifestError, verify_manifest
 from predictor.model import LLMModel, build_defaults
 from predictor.runner import ModelRunner
+from predictor.tools.demo import ensure_demo_model
+from predictor.tools.manifest import ManifestError, verify_manifest
 from predictor.tp import LeaderRunner, Rank, follow, init_process_groups
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch
 from servers import start
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from predictor.demo import cache_dir, save_llama2_tokenizer, save_random_llama
+from predictor.tools.demo import cache_dir, save_llama2_tokenizer, save_random_llama
 
 # 4 query heads and 2 KV heads: tensor-parallel sizes 1 and 2 are valid.
 TINY_LLAMA = dict(

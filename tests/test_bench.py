@@ -8,7 +8,7 @@ import pytest
 from servers import predictor_env
 
 from predictor.__main__ import main
-from predictor.bench.workload import build_workload, parse_range
+from predictor.tools.bench.workload import build_workload, parse_range
 
 NUMBER = r"\d+(?:\.\d+)?"
 

@@ -88,7 +88,7 @@ def test_readiness_is_503_while_loading_then_200(tiny_llama, tmp_path):
     """Full weight verification of a large file keeps the model loading long enough to observe."""
     import shutil
 
-    from predictor.manifest import write_manifest
+    from predictor.tools.manifest import write_manifest
 
     model_dir = shutil.copytree(tiny_llama, tmp_path / "model")
     with open(model_dir / "extra-weights.bin.padding", "wb") as padding:

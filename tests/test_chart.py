@@ -41,7 +41,7 @@ EXPECTED_EXAMPLES = {
     "examples/demo-cpu.yaml": (1, 0),
 }
 K8S_VERSION = "1.35"
-CATALOG = yaml.safe_load((ch.REPO / "build" / "catalog.yaml").read_text())["models"]
+CATALOG = yaml.safe_load((ch.REPO / "predictor" / "tools" / "catalog.yaml").read_text())["models"]
 # Small base for failure cases: a 7B chat model on one 80 GiB GPU.
 BASE = "examples/llama-2-7b-chat.yaml"
 
@@ -78,12 +78,13 @@ def test_examples_are_the_documented_set():
 
 def test_catalog_is_the_image_builds_catalog(tmp_path):
     link = ch.CHART / "catalog.yaml"
-    assert link.resolve() == (ch.REPO / "build" / "catalog.yaml").resolve(), "catalog.yaml must link to build/"
+    catalog = ch.REPO / "predictor" / "tools" / "catalog.yaml"
+    assert link.resolve() == catalog.resolve(), "catalog.yaml must link to predictor/tools/"
     packaged = ch.package(tmp_path)
     with tarfile.open(packaged) as tar:
         member = tar.extractfile("llm-predictor/catalog.yaml")
         assert member is not None
-        assert member.read() == (ch.REPO / "build" / "catalog.yaml").read_bytes()
+        assert member.read() == (ch.REPO / "predictor" / "tools" / "catalog.yaml").read_bytes()
 
 
 @pytest.mark.parametrize("values", EXAMPLE_FILES)

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from tiny_model import make_tiny_model
 
-from predictor import sizing
-from predictor.catalog import CatalogError, load_catalog
-from predictor.manifest import MANIFEST_NAME, model_files, verify_manifest
+from predictor import model_facts
+from predictor.tools import sizing
+from predictor.tools.catalog import CatalogError, load_catalog
+from predictor.tools.manifest import MANIFEST_NAME, model_files, verify_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "build" / "Dockerfile"
@@ -47,7 +48,7 @@ def fake_repo(tmp_path, monkeypatch) -> Path:
     """A source tree with the real build/ files and a stand-in predictor package (with build litter)."""
     root = tmp_path / "repo"
     (root / "build").mkdir(parents=True)
-    for name in ("Dockerfile", ".dockerignore", "catalog.yaml"):
+    for name in ("Dockerfile", ".dockerignore"):
         shutil.copyfile(REPO / "build" / name, root / "build" / name)
     (root / "pyproject.toml").write_text('[project]\nname = "llm-predictor"\nversion = "9.8.7"\n')
     (root / "README.md").write_text("# llm-predictor\n")
@@ -76,8 +77,8 @@ def test_catalog_entry_is_consistent(name):
     assert m["tensor_parallel_sizes"] == sizing.tensor_parallel_sizes(heads, kv_heads)
     assert all(heads % tp == 0 and kv_heads % tp == 0 for tp in m["tensor_parallel_sizes"])
     assert m["default_tensor_parallel_size"] in m["tensor_parallel_sizes"]
-    kv = sizing.kv_bytes_per_token(m["num_hidden_layers"], kv_heads, m["hidden_size"] // heads,
-                                   sizing.DTYPE_BYTES[m["dtype"]])
+    kv = model_facts.kv_bytes_per_token(m["num_hidden_layers"], kv_heads, m["hidden_size"] // heads,
+                                        model_facts.DTYPE_BYTES[m["dtype"]])
     assert m["kv_bytes_per_token"] == kv
     assert m["gpu_memory_bytes"] == sizing.estimate_gpu_memory_bytes(m["weight_bytes"], kv, m["max_context"])
     assert m["default_tensor_parallel_size"] == sizing.default_tensor_parallel_size(
@@ -104,7 +105,7 @@ def test_catalog_errors_are_one_line(tmp_path):
 
 
 def test_demo_entry_matches_the_demo_model():
-    demo = pytest.importorskip("predictor.demo", reason="predictor.demo is not in this checkout yet")
+    demo = pytest.importorskip("predictor.tools.demo", reason="predictor.tools.demo is not in this checkout yet")
     build_image.check_against_catalog(Path(demo.ensure_demo_model()), "demo", load_catalog()["demo"])
 
 
@@ -287,7 +288,7 @@ def test_real_image_build(tiny_source):
         pytest.skip(f"no container engine works here: {'; '.join(why_not)}")
     if not (REPO / "README.md").is_file():
         pytest.skip("README.md is missing, and the wheel is built with it")
-    demo_available = importlib.util.find_spec("predictor.demo") is not None
+    demo_available = importlib.util.find_spec("predictor.tools.demo") is not None
     model = "demo" if demo_available else str(tiny_source)
     tag = f"localhost/llm-predictor-test:{uuid.uuid4().hex[:8]}"
     assert build_image.main(["--model", model, "--tag", tag, "--variant", "cpu", "--engine", engine]) == 0
@@ -300,7 +301,7 @@ def test_real_image_build(tiny_source):
         labels = json.loads(inspect.stdout)
         context = REPO / "build" / "context" / "model"
         assert labels["llm-predictor.model.manifest-digest"] == build_image.manifest_digest(context)
-        check = ("import os; from predictor.manifest import verify_manifest; "
+        check = ("import os; from predictor.tools.manifest import verify_manifest; "
                  "verify_manifest('/mnt/models', 'full'); "
                  "assert os.getuid() == 1000 and not os.access('/mnt/models/config.json', os.W_OK); print('ok')")
         result = subprocess.run([run, "run", "--rm", "--entrypoint", "python3", tag, "-c", check],

@@ -18,9 +18,9 @@ from conftest import greedy_reference
 from servers import REPO, launch, start, wait_ready
 from test_tensor_parallel import ranks_of
 
-from predictor.demo import ensure_demo_model
 from predictor.dialogs import SPECIAL_TAGS_ERROR
 from predictor.kaito_api import _health_problem
+from predictor.tools.demo import ensure_demo_model
 
 API_KEY = "kaito-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

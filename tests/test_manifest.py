@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 from tiny_model import copy_model, make_tiny_model
 
-from predictor.manifest import (
+from predictor.tools.manifest import (
     MANIFEST_NAME,
     ManifestError,
     head_counts,

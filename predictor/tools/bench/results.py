@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from predictor.bench.baseline import BaselineResult
-from predictor.bench.client import WaveResult
-from predictor.bench.raw_loop import RawLoopResult
+from predictor.tools.bench.baseline import BaselineResult
+from predictor.tools.bench.client import WaveResult
+from predictor.tools.bench.raw_loop import RawLoopResult
 
 RATIO_STREAMS = 32  # the concurrency of the headline `ratio_vs_raw_loop` line
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from predictor.bench.workload import BenchRequest
+from predictor.tools.bench.workload import BenchRequest
 
 
 @dataclass

@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from predictor.bench import client, machine, report, server
-from predictor.bench.baseline import BaselineResult, run_one_at_a_time
-from predictor.bench.raw_loop import load_model, median_prefill_seconds, run_raw_loop
-from predictor.bench.results import RATIO_STREAMS, BenchRun, SweepPoint
-from predictor.bench.workload import BenchRequest, build_workload, parse_range
+from predictor.tools.bench import client, machine, report, server
+from predictor.tools.bench.baseline import BaselineResult, run_one_at_a_time
+from predictor.tools.bench.raw_loop import load_model, median_prefill_seconds, run_raw_loop
+from predictor.tools.bench.results import RATIO_STREAMS, BenchRun, SweepPoint
+from predictor.tools.bench.workload import BenchRequest, build_workload, parse_range
 
-logger = logging.getLogger("predictor.bench")
+logger = logging.getLogger("predictor.tools.bench")
 
 QUICK = dict(concurrency="1,2", prompt_tokens="16-48", max_tokens="8-16", baseline_requests=2, min_wave_requests=2)
 FULL = dict(concurrency="1,4,16,32,64", prompt_tokens="32-256", max_tokens="64-128", baseline_requests=3,
@@ -169,7 +169,7 @@ def main(argv: list[str]) -> int:
 
 def measure(args, run_dir: Path) -> BenchRun:
     """In-process first (the server is not running yet, so both get the machine to themselves), then the server."""
-    from predictor.demo import ensure_demo_model
+    from predictor.tools.demo import ensure_demo_model
 
     load_at_start = machine.load_average()
     local_model_dir = args.model_dir or (None if args.url else ensure_demo_model())

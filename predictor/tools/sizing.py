@@ -1,4 +1,4 @@
-"""GPU sizing rules shared by the model manifest and build/catalog.yaml.
+"""GPU sizing rules shared by the model manifest and the catalog (predictor/tools/catalog.yaml).
 
 The catalog's derived fields are computed with these functions (tests check they agree), so a chart that
 reads either the catalog or a baked manifest sizes a model the same way.
@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import math
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
-
 # The GPU counts a node offers; a tensor-parallel size must also divide both head counts.
 GPU_COUNTS = (1, 2, 4, 8)
 KV_SEQUENCES = 4
 OVERHEAD = 1.10
 DEFAULT_GPU_BYTES = 24 * 2**30  # A10G / L4 class: the smallest GPUs a 7B model is served on
-
-
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
-    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
 
 
 def estimate_gpu_memory_bytes(weight_bytes: int, kv_per_token: int, max_context: int) -> int:

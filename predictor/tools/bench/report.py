@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from predictor.bench.results import BenchRun, SweepPoint, percentile_ms
+from predictor.tools.bench.results import BenchRun, SweepPoint, percentile_ms
 
 COLUMNS = [
     "streams", "raw loop tok/s", "server tok/s", "server / raw loop", "server / one-at-a-time",

@@ -1,4 +1,4 @@
-"""Reads build/catalog.yaml, the model catalog shared by the image build and the Helm chart."""
+"""Reads catalog.yaml (package data beside this module), the model catalog shared by the image build and the chart."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "build" / "catalog.yaml"
+DEFAULT_CATALOG = Path(__file__).resolve().parent / "catalog.yaml"
 
 REQUIRED_FIELDS = (
     "hf_repo", "architecture", "num_hidden_layers", "hidden_size", "num_attention_heads",
@@ -25,7 +25,7 @@ def load_catalog(path: str | Path | None = None) -> dict[str, dict]:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise CatalogError(f"{path}: model catalog not found (it lives in build/ of the source tree)") from None
+        raise CatalogError(f"{path}: model catalog not found") from None
     except (OSError, yaml.YAMLError) as exc:
         raise CatalogError(f"{path}: unreadable model catalog ({exc})".replace("\n", " ")) from None
     models = data.get("models") if isinstance(data, dict) else None

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
-from predictor.bench.workload import BenchRequest
+from predictor.tools.bench.workload import BenchRequest
 
 PREFILL_REPEATS = 3
 

@@ -14,7 +14,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from predictor import sizing
+from predictor import model_facts
+from predictor.tools import sizing
 
 MANIFEST_NAME = "model-manifest.json"
 MANIFEST_VERSION = 1
@@ -165,28 +166,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def first_key(config: dict, *names: str, default=None):
-    return next((config[n] for n in names if config.get(n) is not None), default)
-
-
 def head_counts(config: dict, config_path: Path) -> tuple[int, int]:
-    heads = first_key(config, "num_attention_heads", "n_head", "num_heads")
-    if heads is None:
-        raise ManifestError(f"{config_path}: no attention head count (num_attention_heads)")
-    kv_heads = config.get("num_key_value_heads")
-    if kv_heads is None:
-        # Falcon: grouped KV heads with the new decoder architecture, one shared KV head with multi_query.
-        if config.get("new_decoder_architecture") and config.get("num_kv_heads"):
-            kv_heads = config["num_kv_heads"]
-        elif config.get("multi_query"):
-            kv_heads = 1
-        else:
-            kv_heads = heads
-    return int(heads), int(kv_heads)
+    try:
+        return model_facts.head_counts(config)
+    except model_facts.ModelFactsError as err:
+        raise ManifestError(f"{config_path}: {err}") from None
 
 
 def model_dtype(config: dict, tables: dict) -> str:
-    dtype = first_key(config, "dtype", "torch_dtype")
+    dtype = model_facts.first_key(config, "dtype", "torch_dtype")
     if isinstance(dtype, str):
         return dtype
     counts = Counter(info.get("dtype") for table in tables.values() for info in table.values())
@@ -200,18 +188,17 @@ def architecture_facts(model_dir: Path) -> dict:
     config_path = model_dir / "config.json"
     config = read_config(model_dir)
     heads, kv_heads = head_counts(config, config_path)
-    hidden = int(first_key(config, "hidden_size", "n_embd", "d_model", default=0))
     architectures = config.get("architectures") or [config.get("model_type", "unknown")]
     return {
         "architecture": architectures[0],
-        "num_hidden_layers": int(first_key(config, "num_hidden_layers", "n_layer", "num_layers", default=0)),
-        "hidden_size": hidden,
+        "num_hidden_layers": model_facts.num_layers(config),
+        "hidden_size": model_facts.hidden_size(config),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": int(config.get("head_dim") or hidden // heads),
+        "head_dim": model_facts.head_dim(config),
         "vocab_size": int(config.get("vocab_size") or 0),
-        "max_context": int(first_key(config, "max_position_embeddings", "n_positions", "max_seq_len",
-                                     default=FALLBACK_MAX_CONTEXT)),
+        "max_context": int(model_facts.first_key(config, "max_position_embeddings", "n_positions", "max_seq_len",
+                                                 default=FALLBACK_MAX_CONTEXT)),
     }
 
 
@@ -226,8 +213,8 @@ def build_manifest(model_dir: Path, tables: dict, entries: list[dict], model_nam
         weight_bytes = sum(size for path, size in sizes.items() if path.endswith(PICKLE_SUFFIXES))
         parameter_count = None
 
-    kv_per_token = sizing.kv_bytes_per_token(facts["num_hidden_layers"], facts["num_key_value_heads"],
-                                             facts["head_dim"], sizing.DTYPE_BYTES.get(dtype, 4))
+    kv_per_token = model_facts.kv_bytes_per_token(facts["num_hidden_layers"], facts["num_key_value_heads"],
+                                             facts["head_dim"], model_facts.DTYPE_BYTES.get(dtype, 4))
     return {
         "manifest_version": MANIFEST_VERSION,
         "model_name": model_name,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from predictor.bench.workload import BenchRequest
+from predictor.tools.bench.workload import BenchRequest
 
 TIMEOUT_S = 600.0
 
