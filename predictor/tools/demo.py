@@ -69,7 +69,7 @@ def save_llama2_tokenizer(model_dir: Path, downloads: Path) -> None:
 
 
 def find_llama_vocab(downloads: Path) -> Path:
-    shared = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / LLAMA_VOCAB
+    shared = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / LLAMA_VOCAB
     if shared.is_file():
         return shared
     extracted = downloads / "vocab" / LLAMA_VOCAB
