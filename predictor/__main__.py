@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
 
     from predictor.config import ConfigError, load_settings
-    from predictor.tp import launch_local_ranks, rank_from_env
+    from predictor.engine.tp import launch_local_ranks, rank_from_env
 
     try:
         settings = load_settings(argv)

@@ -9,8 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from predictor.dialogs import check_dialog, control_strings
-from predictor.engine import Delta, Engine, Finished, GenerationStream, InvalidRequest
-from predictor.sampling import SamplingParams
+from predictor.engine import Delta, Engine, Finished, GenerationStream, InvalidRequest, SamplingParams
 
 
 class ChatMessage(BaseModel):

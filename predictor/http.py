@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from predictor.embeddings_api import embeddings_router
-from predictor.engine import EngineError, EngineOverloaded
+from predictor.engine import EngineError, EngineOverloaded, EngineUnavailable, InvalidRequest
 from predictor.kaito_api import kaito_router
 from predictor.middleware import BodySizeLimit, RequestCounter
 from predictor.model import LLMModel
@@ -47,9 +47,16 @@ def install(app: FastAPI, model: LLMModel, api_key: str | None, max_request_byte
     app.add_middleware(RequestCounter)
 
 
+def engine_error_status(err: EngineError) -> int:
+    for kind, status in ((InvalidRequest, 400), (EngineOverloaded, 429), (EngineUnavailable, 503)):
+        if isinstance(err, kind):
+            return status
+    return 500
+
+
 async def _engine_error(_: Request, err: EngineError) -> JSONResponse:
     headers = {"Retry-After": RETRY_AFTER_S} if isinstance(err, EngineOverloaded) else None
-    return _openai_error(err.status, str(err), getattr(err, "field", None), headers)
+    return _openai_error(engine_error_status(err), str(err), getattr(err, "field", None), headers)
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:

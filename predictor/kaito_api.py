@@ -22,10 +22,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from predictor.dialogs import SPECIAL_TAGS_ERROR, SpecialTagsNotAllowed
 from predictor.disconnect import until_disconnected
-from predictor.engine import Engine, EngineUnavailable, InvalidRequest
+from predictor.engine import Engine, EngineUnavailable, InvalidRequest, SamplingParams
 from predictor.generation import Completion, TextGenerator
 from predictor.model import LLMModel
-from predictor.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

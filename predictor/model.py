@@ -13,9 +13,8 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from predictor.config import Settings
-from predictor.engine import InvalidRequest
+from predictor.engine import InvalidRequest, SamplingParams
 from predictor.generation import Completion, TextGenerator
-from predictor.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

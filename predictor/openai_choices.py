@@ -20,9 +20,8 @@ from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogpr
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
 from openai.types.completion_choice import Logprobs
 
-from predictor.detokenizer import TokenTexts
-from predictor.engine import Delta, Finished
-from predictor.sampling import TokenLogprob
+from predictor.engine import Delta, Finished, TokenLogprob
+from predictor.engine.detokenizer import TokenTexts
 
 Events = AsyncIterator[tuple[int, Delta | Finished]]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -11,18 +12,20 @@ from pathlib import Path
 
 import kserve
 import torch
+import torch.distributed as dist
 
 from predictor import http, loader, metrics
 from predictor.chat_templates import resolve_chat_template
 from predictor.config import Settings
 from predictor.engine import Engine
+from predictor.engine.core import EngineCore
+from predictor.engine.model_runner import ModelRunner
+from predictor.engine.tp import LeaderRunner, Rank, follow, init_process_groups
 from predictor.generation import TextGenerator
-from predictor.kv_cache import kv_bytes_per_token
+from predictor.kv_sizing import KVCachePlan, log_plan, plan_kv_cache
 from predictor.model import LLMModel, build_defaults
-from predictor.runner import ModelRunner
 from predictor.tools.demo import ensure_demo_model
 from predictor.tools.manifest import ManifestError, verify_manifest
-from predictor.tp import LeaderRunner, Rank, follow, init_process_groups
 
 logger = logging.getLogger(__name__)
 FATAL_EXIT_DELAY_S = 0.5
@@ -33,6 +36,7 @@ class Loaded:
     model_dir: Path
     config: object
     runner: ModelRunner
+    kv_cache: KVCachePlan
     max_model_len: int
     control: object | None  # the TP control group, None on a single process
 
@@ -51,36 +55,31 @@ def load(settings: Settings, rank: Rank | None) -> Loaded:
     dtype = loader.resolve_dtype(settings.dtype, device, config)
     control = init_process_groups(device) if rank else None
     max_model_len = settings.max_model_len or getattr(config, "max_position_embeddings", None) or 2048
-    num_slots = _slots_that_fit(settings, config, tp_size, dtype, max_model_len)
     model = loader.load_model(model_dir, config, dtype, device, tp_size, settings.trust_remote_code)
-    runner = ModelRunner(model, num_slots=num_slots, max_len=max_model_len)
-    runner.prefill(0, [0])  # allocates the whole KV cache now, so memory runs out at load, not under load
-    logger.info("loaded %s: %s on %s, tp=%d, %d slots of %d tokens", model_dir, dtype, device, tp_size, num_slots,
-                max_model_len)
-    return Loaded(model_dir, config, runner, max_model_len, control)
-
-
-def _slots_that_fit(settings: Settings, config, tp_size: int, dtype: torch.dtype, max_model_len: int) -> int:
-    per_sequence = kv_bytes_per_token(config, tp_size, dtype) * max_model_len
-    slots = min(settings.max_num_seqs, int(settings.kv_cache_bytes) // per_sequence)
-    if slots < 1:
-        raise loader.LoadError(
-            f"kv_cache_bytes: {int(settings.kv_cache_bytes)} bytes hold no sequence of max_model_len "
-            f"{max_model_len} ({per_sequence} bytes each); raise kv_cache_bytes or lower max_model_len"
-        )
-    return slots
+    runner = ModelRunner(model, block_size=settings.block_size, max_model_len=max_model_len)
+    plan = plan_kv_cache(runner, settings, max_model_len)
+    if control is not None:  # every rank must hold the same blocks: take the smallest plan
+        blocks = torch.tensor([plan.num_blocks])
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control)
+        plan = dataclasses.replace(plan, num_blocks=int(blocks))
+    runner.allocate_kv_cache(plan.num_blocks)  # the whole cache now, so memory runs out at load, not under load
+    runner.capture_decode_graphs(settings.max_num_seqs)
+    logger.info("loaded %s: %s on %s, tp=%d, max_model_len %d", model_dir, dtype, device, tp_size, max_model_len)
+    log_plan(plan, runner, max_model_len)
+    return Loaded(model_dir, config, runner, plan, max_model_len, control)
 
 
 def build_generator(settings: Settings, loaded: Loaded) -> TextGenerator:
     tokenizer = loader.load_tokenizer(loaded.model_dir, settings.trust_remote_code)
     runner = LeaderRunner(loaded.runner, loaded.control) if loaded.control else loaded.runner
+    core = EngineCore(runner, num_blocks=loaded.kv_cache.num_blocks, block_size=loaded.kv_cache.block_size,
+                      max_num_seqs=settings.max_num_seqs, max_prefill_tokens=settings.max_prefill_tokens,
+                      max_model_len=loaded.max_model_len)
     engine = Engine(
-        runner,
+        core,
         tokenizer,
-        num_slots=loaded.runner.cache.num_slots,
         max_model_len=loaded.max_model_len,
         max_queue=settings.max_queue,
-        max_prefill_tokens=settings.max_prefill_tokens,
         eos_token_ids=loader.eos_token_ids(loaded.model_dir, tokenizer, loaded.config),
         on_fatal=_exit_soon,
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 from conftest import greedy_reference, make_llama
 from servers import REPO, predictor_env, start
 from test_embeddings import assert_close, reference_embedding
@@ -92,7 +93,8 @@ def assert_tp_streams_n_choices_with_logprobs(server, reference) -> None:
             texts[choice.index] += choice.text
             logprobs[choice.index] += choice.logprobs.token_logprobs if choice.logprobs else []
     assert texts[0] == texts[1] == greedy_reference(reference, PROMPTS[2], 5)
-    assert len(logprobs[0]) == 5 and logprobs[0] == logprobs[1]
+    # The two choices share one packed forward: float32 rounding may differ in the last digits, nothing more.
+    assert len(logprobs[0]) == 5 and logprobs[0] == pytest.approx(logprobs[1], abs=1e-5)
 
 
 def _is_zombie(pid: int) -> bool:

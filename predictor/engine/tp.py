@@ -1,12 +1,15 @@
 """Tensor parallelism: launching ranks, and rank 0 leading the others step by step.
 
-Every rank loads its shard and owns a ModelRunner. Rank 0 schedules; before each runner call it broadcasts
-the call on a CPU (gloo) control group, and the other ranks replay it, so all ranks enter the model's
-collectives together. When idle, rank 0 broadcasts a heartbeat so that a dead rank is noticed at once.
+Every rank loads its shard and owns a ModelRunner (with the same KV cache size and the same CUDA graphs).
+Rank 0 schedules; before each runner call it broadcasts the call as int64 tensors (an op and size header,
+then the step's packed ModelInputs) on a CPU (gloo) control group, and the other ranks replay it, so all ranks
+enter the model's collectives together. When idle, rank 0 broadcasts a heartbeat so that a dead rank is
+noticed at once.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import sys
@@ -15,6 +18,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from predictor.engine.model_inputs import ModelInputs
 
 logger = logging.getLogger(__name__)
 
@@ -64,47 +69,59 @@ def init_process_groups(device: torch.device) -> dist.ProcessGroup:
     return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
+class Op(enum.IntEnum):
+    STEP = 1
+    EMBED = 2
+    HEARTBEAT = 3
+    STOP = 4
+
+
 class LeaderRunner:
-    """Rank 0's runner: announces each call to the other ranks, then makes it locally."""
+    """Rank 0's runner: announces each call to the other ranks as int64 tensors, then makes it locally."""
 
     def __init__(self, runner, control: dist.ProcessGroup):
         self.runner = runner
         self.control = control
         self.device = runner.device
+        self.vocab_size = runner.vocab_size
 
-    def _announce(self, *call) -> None:
-        dist.broadcast_object_list([call], src=0, group=self.control)
+    def _announce(self, op: Op, payload: torch.Tensor | None = None) -> None:
+        size = 0 if payload is None else payload.numel()
+        dist.broadcast(torch.tensor([op, size], dtype=torch.int64), src=0, group=self.control)
+        if payload is not None:
+            dist.broadcast(payload, src=0, group=self.control)
 
-    def prefill(self, slot, token_ids):
-        self._announce("prefill", slot, token_ids)
-        return self.runner.prefill(slot, token_ids)
+    def execute(self, inputs: ModelInputs) -> torch.Tensor:
+        self._announce(Op.STEP, inputs.pack())
+        return self.runner.execute(inputs)
 
-    def decode(self, token_ids, positions):
-        self._announce("decode", token_ids, positions)
-        return self.runner.decode(token_ids, positions)
-
-    def embed(self, token_ids):
-        self._announce("embed", token_ids)
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        self._announce(Op.EMBED, torch.tensor(token_ids, dtype=torch.int64))
         return self.runner.embed(token_ids)
 
-    def move(self, src, dst, length):
-        self._announce("move", src, dst, length)
-        self.runner.move(src, dst, length)
+    def check_device(self) -> None:
+        self.runner.check_device()
 
-    def heartbeat(self):
-        self._announce("heartbeat")
+    def heartbeat(self) -> None:
+        self._announce(Op.HEARTBEAT)
 
-    def stop(self):
-        self._announce("stop")
+    def stop(self) -> None:
+        self._announce(Op.STOP)
 
 
 def follow(runner, control: dist.ProcessGroup) -> None:
     """Ranks > 0: replay rank 0's calls until it says stop (or a collective fails, which raises)."""
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=control)
-        name, *args = box[0]
-        if name == "stop":
+        header = torch.zeros(2, dtype=torch.int64)
+        dist.broadcast(header, src=0, group=control)
+        op, size = header.tolist()
+        if op == Op.STOP:
             return
-        if name != "heartbeat":
-            getattr(runner, name)(*args)
+        if op == Op.HEARTBEAT:
+            continue
+        payload = torch.empty(size, dtype=torch.int64)
+        dist.broadcast(payload, src=0, group=control)
+        if op == Op.STEP:
+            runner.execute(ModelInputs.unpack(payload))
+        elif op == Op.EMBED:
+            runner.embed(payload.tolist())

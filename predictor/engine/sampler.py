@@ -1,0 +1,206 @@
+"""The batched next-token sampler: every row's logits processing and its draw in one pass over [B, V] on the device.
+
+Each row carries its own parameters as a column of per-row tensors (TGI's HeterogeneousNextTokenChooser is the
+model): repetition / presence / frequency penalties, min_new_tokens' stop-token ban, temperature, top-k, top-p and
+typical-p, then one exponential race (argmax of p / Exp(1) noise, which draws from p) for all sampled rows.
+A processor runs only when some row of the batch asks for it.
+
+Sampling is total: work is in float32, temperature and penalties are clamped away from 0 and infinity, the most
+likely token always survives top-p and typical-p, and a row whose distribution still vanishes falls back to its
+argmax. A row whose model logits hold NaN comes back as FAILED, so that one request ends and the batch goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from predictor.engine.sampling_params import TokenLogprob
+from predictor.engine.sequence import Sequence
+
+FAILED = -1  # the token of a row whose logits were not numbers
+MIN_TEMPERATURE = 1e-5  # below this a temperature is as good as greedy and would overflow
+PENALTY_RANGE = (1e-6, 1e6)  # repetition penalties beyond these only overflow float32
+MIN_NOISE = 1e-20  # an exponential draw of exactly 0 would make 0/0
+
+
+@dataclass
+class SamplerOutput:
+    tokens: list[int]  # per row; FAILED where the model's logits were not numbers
+    logprobs: list[TokenLogprob | None]  # per row, for the rows that asked
+
+
+class Sampler:
+    """Draws the next token of each running sequence; holds the per-row token counts penalties read."""
+
+    def __init__(self, vocab_size: int, max_rows: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.max_rows = max_rows
+        self.device = device
+        self._free_rows = list(range(max_rows - 1, -1, -1))
+        self._output_counts: torch.Tensor | None = None  # [rows, V] int32, allocated with the first penalty
+        self._prompt_seen: torch.Tensor | None = None  # [rows, V] bool
+
+    # ---- row lifetime -----------------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Give a sequence that starts (or resumes) sampling a row, built from the tokens it has so far."""
+        seq.sampler_row = self._free_rows.pop()
+        if seq.generator is None and seq.params.seed is not None and not seq.params.greedy:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(seq.params.seed)
+        if seq.params.penalized:
+            counts, seen = self._penalty_state()
+            row = seq.sampler_row
+            counts[row].zero_()
+            seen[row].zero_()
+            seen[row, torch.tensor(seq.prompt_token_ids, device=self.device)] = True
+            if seq.output_token_ids:
+                output = torch.tensor(seq.output_token_ids, device=self.device)
+                counts[row].index_add_(0, output, torch.ones_like(output, dtype=counts.dtype))
+
+    def release(self, seq: Sequence) -> None:
+        if seq.sampler_row is not None:
+            self._free_rows.append(seq.sampler_row)
+            seq.sampler_row = None
+
+    def _penalty_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._output_counts is None:  # most servers never see a penalty: allocate at the first one
+            shape = (self.max_rows, self.vocab_size)
+            self._output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+            self._prompt_seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        return self._output_counts, self._prompt_seen
+
+    # ---- one step -------------------------------------------------------------------------------------------
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """The next token of each row of logits [B, V]; row i belongs to seqs[i]."""
+        params = [s.params for s in seqs]
+        penalized = any(p.penalized for p in params)
+        raw = logits.float()
+        failed = torch.isnan(raw).any(dim=-1)
+        early_stops = self._early_stop_pairs(seqs)
+        scores = raw
+        if penalized or early_stops or not all(p.greedy for p in params):
+            scores = torch.nan_to_num(raw, nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
+                                      neginf=float("-inf"))
+        if penalized:
+            scores = self._penalize(scores, seqs)
+        if early_stops:
+            scores = self._ban_early_stops(scores, early_stops)
+        greedy_tokens = scores.argmax(dim=-1)
+        if all(p.greedy for p in params):
+            tokens = greedy_tokens
+        else:
+            tokens = self._draw(scores, seqs, greedy_tokens)
+        tokens = torch.where(failed, FAILED, tokens)
+        if penalized:
+            self._count(tokens, seqs)
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, self._logprobs(raw, seqs, token_list))
+
+    def _penalize(self, scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        counts, seen = self._penalty_state()
+        rows = torch.tensor([s.sampler_row for s in seqs], device=self.device)
+        row_counts = counts[rows]
+        occurred = row_counts > 0
+        repetition = self._column([s.params.repetition_penalty for s in seqs]).clamp(*PENALTY_RANGE)
+        repeated = seen[rows] | occurred
+        penalized = torch.where(scores < 0, scores * repetition, scores / repetition)
+        scores = torch.where(repeated, penalized, scores)
+        presence = self._column([s.params.presence_penalty for s in seqs])
+        frequency = self._column([s.params.frequency_penalty for s in seqs])
+        return scores - presence * occurred - frequency * row_counts
+
+    def _early_stop_pairs(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """(row, token) for the stop tokens (EOS, stop_token_ids) of rows still short of min_new_tokens."""
+        return [(row, token) for row, s in enumerate(seqs) if s.num_generated < s.params.min_new_tokens
+                for token in s.stop_ids if token < self.vocab_size]
+
+    def _ban_early_stops(self, scores: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+        rows, tokens = torch.tensor(pairs, device=self.device).unbind(dim=1)
+        return scores.index_put((rows, tokens), torch.tensor(float("-inf"), device=self.device))
+
+    def _draw(self, scores: torch.Tensor, seqs: list[Sequence], greedy_tokens: torch.Tensor) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        temperature = self._column([max(p.temperature, MIN_TEMPERATURE) if not p.greedy else 1.0 for p in params])
+        scores = scores / temperature
+        if any(p.top_k for p in params) or any(p.top_p < 1.0 for p in params):
+            scores = self._keep_top_k_and_top_p(scores, params)
+        if any(p.typical_p < 1.0 for p in params):
+            scores = self._keep_typical(scores, params)
+        probs = torch.softmax(scores, dim=-1)
+        noise = self._exponential_noise(probs, seqs)
+        drawn = (probs / noise).argmax(dim=-1)
+        vanished = torch.isnan(probs).any(dim=-1)  # every score was -inf: nothing left to draw from
+        drawn = torch.where(vanished, greedy_tokens, drawn)
+        greedy = torch.tensor([p.greedy for p in params], device=self.device)
+        return torch.where(greedy, greedy_tokens, drawn)
+
+    def _keep_top_k_and_top_p(self, scores: torch.Tensor, params) -> torch.Tensor:
+        """Mask, in descending order, ranks past top_k and tokens past the top_p mass (the one crossing it stays)."""
+        vocab = scores.shape[-1]
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        top_k = torch.tensor([p.top_k if p.top_k else vocab for p in params], device=self.device)
+        ranks = torch.arange(vocab, device=self.device)
+        drop = ranks[None, :] >= top_k[:, None]
+        if any(p.top_p < 1.0 for p in params):
+            probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs
+            drop |= mass_before >= self._column([p.top_p for p in params])
+        drop[:, 0] = False
+        return scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+
+    def _keep_typical(self, scores: torch.Tensor, params) -> torch.Tensor:
+        """Keep the tokens whose surprise is closest to the entropy, up to typical_p of the mass."""
+        log_probs = torch.log_softmax(scores, dim=-1)
+        probs = log_probs.exp()
+        entropy = -(torch.nan_to_num(log_probs, neginf=0.0) * probs).sum(dim=-1, keepdim=True)
+        distance = (-log_probs - entropy).abs()
+        distance, order = distance.sort(dim=-1)
+        sorted_probs = probs.gather(1, order)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= self._column([p.typical_p for p in params])
+        drop[:, 0] = False
+        drop = torch.zeros_like(drop).scatter(1, order, drop)
+        return scores.masked_fill(drop, float("-inf"))
+
+    def _exponential_noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Exp(1) noise per token from the device's generator; a seeded row draws its own from its generator, so
+        its text depends on its seed alone, not on what else is in the batch."""
+        noise = torch.empty_like(probs).exponential_()
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None:
+                noise[row].exponential_(generator=seq.generator)
+        return noise.clamp_(min=MIN_NOISE)
+
+    def _count(self, tokens: torch.Tensor, seqs: list[Sequence]) -> None:
+        counts, _ = self._penalty_state()
+        rows = [i for i, s in enumerate(seqs) if s.params.penalized]
+        index = torch.tensor(rows, device=self.device)
+        chosen = tokens[index]
+        kept = chosen != FAILED
+        sampler_rows = torch.tensor([seqs[i].sampler_row for i in rows], device=self.device)
+        counts.index_put_((sampler_rows[kept], chosen[kept]), torch.ones((), dtype=counts.dtype, device=self.device),
+                          accumulate=True)
+
+    def _logprobs(self, raw: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+        """Log-probabilities under the model's own (unprocessed) distribution, for the rows that asked."""
+        result: list[TokenLogprob | None] = [None] * len(seqs)
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] != FAILED]
+        if not rows:
+            return result
+        log_probs = torch.log_softmax(raw[torch.tensor(rows, device=self.device)], dim=-1)
+        chosen = log_probs.gather(1, torch.tensor([[tokens[r]] for r in rows], device=self.device))[:, 0].tolist()
+        most = max(seqs[r].params.logprobs for r in rows)
+        top_values, top_ids = log_probs.topk(most, dim=-1) if most else (None, None)
+        top_values = top_values.tolist() if most else None
+        top_ids = top_ids.tolist() if most else None
+        for i, row in enumerate(rows):
+            k = seqs[row].params.logprobs
+            top = list(zip(top_ids[i][:k], top_values[i][:k])) if k else []
+            result[row] = TokenLogprob(tokens[row], chosen[i], top)
+        return result
+
+    def _column(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]

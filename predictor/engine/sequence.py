@@ -1,0 +1,49 @@
+"""One request's state as the engine core sees it: its tokens, what of them the KV cache holds, and where."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from predictor.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted (its blocks freed; it is recomputed when admitted again)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    stream: Any = None  # the front-end's handle for this request; the core only passes it along with events
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # leading tokens whose keys and values are in the KV cache
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    sampler_row: int | None = None  # the sampler's per-row state (penalty counts) while running
+    generator: Any = None  # a seeded request's own random generator, kept across preemptions
+    first_scheduled_at: float | None = None  # monotonic time it was first admitted to the batch
+    error: str | None = None  # why it failed, when it did
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output."""
+        prompt = self.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        if start >= len(prompt):
+            return self.output_token_ids[start - len(prompt) : end - len(prompt)]
+        return prompt[start:] + self.output_token_ids[: end - len(prompt)]

@@ -1,0 +1,151 @@
+"""The scheduler and block manager alone: pure policy over sequences and blocks, no model, no torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from predictor.engine.block_manager import BlockManager
+from predictor.engine.sampling_params import SamplingParams
+from predictor.engine.scheduler import Scheduler
+from predictor.engine.sequence import Sequence, SequenceStatus
+
+BLOCK = 4
+
+
+def sequence(seq_id: int, prompt_len: int) -> Sequence:
+    return Sequence(seq_id, list(range(1, prompt_len + 1)), SamplingParams(max_new_tokens=64), frozenset())
+
+
+def scheduler(num_blocks: int, max_num_seqs: int = 8, max_prefill_tokens: int = 64, watermark: int = 0):
+    return Scheduler(BlockManager(num_blocks, BLOCK), max_num_seqs=max_num_seqs,
+                     max_prefill_tokens=max_prefill_tokens, watermark_blocks=watermark)
+
+
+def run_step(sched: Scheduler, token: int = 7):
+    """What the engine core does with a step: mark the chunks computed, give sampling chunks a token."""
+    step = sched.schedule()
+    for chunk in step.chunks:
+        chunk.seq.num_computed = chunk.end
+        if chunk.samples:
+            chunk.seq.output_token_ids.append(token)
+    return step
+
+
+def test_admits_by_free_blocks_and_keeps_first_come_first_served():
+    sched = scheduler(num_blocks=1 + 4)  # 4 usable blocks = 16 tokens
+    for seq_id, length in enumerate([8, 12, 2]):
+        sched.add(sequence(seq_id, length))
+    step = run_step(sched)
+    assert [c.seq.id for c in step.chunks] == [0]  # 1 needs 3 more blocks, only 2 free: 2 may not overtake it
+    assert [s.id for s in sched.waiting] == [1, 2]
+    assert sched.blocks.num_free == 2
+
+
+def test_max_num_seqs_bounds_the_batch():
+    sched = scheduler(num_blocks=64, max_num_seqs=2)
+    for seq_id in range(3):
+        sched.add(sequence(seq_id, 3))
+    assert [c.seq.id for c in run_step(sched).chunks] == [0, 1]
+    assert [c.seq.id for c in run_step(sched).chunks] == [0, 1]  # decodes; 2 still waits for a row
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_others_decode():
+    sched = scheduler(num_blocks=64, max_prefill_tokens=8)
+    sched.add(sequence(0, 3))
+    run_step(sched)  # 0's prompt
+    sched.add(sequence(1, 20))
+    sizes = []
+    for _ in range(3):
+        step = run_step(sched)
+        sizes.append([(c.seq.id, c.num_tokens, c.samples) for c in step.chunks])
+    assert sizes == [
+        [(0, 1, True), (1, 8, False)],
+        [(0, 1, True), (1, 8, False)],
+        [(0, 1, True), (1, 4, True)],  # the last chunk samples 1's first token
+    ]
+
+
+def test_out_of_blocks_preempts_the_newest_which_resumes_later():
+    sched = scheduler(num_blocks=1 + 3)  # 3 blocks = 12 tokens
+    old, new = sequence(0, 4), sequence(1, 4)
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)  # both prompts, one block each; each sampled a token
+    step = run_step(sched)  # both decodes need a second block: old takes the last free one
+    assert [c.seq.id for c in step.chunks] == [0] and step.preempted == [new]
+    assert new.status is SequenceStatus.WAITING and new.num_computed == 0 and new.block_table == []
+    assert list(sched.waiting) == [new] and new.output_token_ids == [7]  # kept: recomputed from prompt + output
+    sched.finish(old)
+    step = run_step(sched)
+    assert [(c.seq.id, c.start, c.end, c.samples) for c in step.chunks] == [(1, 0, 5, True)]
+    assert new.output_token_ids == [7, 7]  # its stream simply continues
+
+
+def test_a_lone_sequence_out_of_blocks_preempts_itself_without_looping():
+    sched = scheduler(num_blocks=1 + 1)
+    seq = sequence(0, 4)
+    sched.add(seq)
+    run_step(sched)
+    step = sched.schedule()  # needs a second block, there is none
+    assert step.preempted == [seq] and step.chunks == []
+
+
+def test_abort_frees_blocks_wherever_the_sequence_is():
+    sched = scheduler(num_blocks=1 + 8)
+    running, waiting = sequence(0, 8), sequence(1, 30)
+    sched.add(running)
+    sched.add(waiting)
+    run_step(sched)
+    assert sched.blocks.num_free == 6 and list(sched.waiting) == [waiting]
+    assert sched.abort(running.id) is running and sched.blocks.num_free == 8
+    assert sched.abort(waiting.id) is waiting and not sched.has_work
+    assert sched.abort(99) is None
+
+
+def test_out_of_order_finishes_return_their_blocks():
+    sched = scheduler(num_blocks=1 + 12)
+    seqs = [sequence(i, 4 * (i + 1)) for i in range(3)]
+    for seq in seqs:
+        sched.add(seq)
+    run_step(sched)
+    sched.finish(seqs[1])
+    assert sched.blocks.num_free == 12 - 1 - 3
+    assert [c.seq.id for c in run_step(sched).chunks] == [0, 2]
+    sched.finish(seqs[0])
+    sched.finish(seqs[2])
+    assert sched.blocks.num_free == 12 and not sched.has_work
+
+
+def test_watermark_keeps_blocks_free_for_running_decodes():
+    sched = scheduler(num_blocks=1 + 4, watermark=3)
+    sched.add(sequence(0, 4))
+    sched.add(sequence(1, 4))
+    step = run_step(sched)
+    assert [c.seq.id for c in step.chunks] == [0]  # admitting 1 would leave fewer than 3 free blocks
+    idle = scheduler(num_blocks=1 + 4, watermark=8)
+    idle.add(sequence(0, 16))
+    assert [c.seq.id for c in run_step(idle).chunks] == [0]  # an idle engine admits whatever fits
+
+
+def test_preempted_sequences_go_before_new_arrivals():
+    sched = scheduler(num_blocks=1 + 2)
+    first, second, late = sequence(0, 4), sequence(1, 4), sequence(2, 1)
+    sched.add(first)
+    sched.add(second)
+    run_step(sched)
+    sched.add(late)
+    step = run_step(sched)
+    assert step.preempted == [second]
+    assert list(sched.waiting) == [second, late]
+
+
+@pytest.mark.parametrize("tokens, blocks", [(1, 1), (4, 1), (5, 2), (17, 5)])
+def test_blocks_and_slots(tokens, blocks):
+    manager = BlockManager(1 + 8, BLOCK)
+    seq = sequence(0, tokens)
+    manager.grow(seq, tokens)
+    assert len(seq.block_table) == blocks and 0 not in seq.block_table  # block 0 is scratch
+    slots = manager.slots(seq, 0, tokens)
+    assert slots == [seq.block_table[p // BLOCK] * BLOCK + p % BLOCK for p in range(tokens)]
+    manager.free(seq)
+    assert manager.num_free == 8
