@@ -1,0 +1,110 @@
+"""NOTES.txt and the `helm test` pod."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import threading
+
+import chart_helpers as ch
+import pytest
+from chart_helpers import BASE
+
+pytestmark = ch.needs_helm
+
+# ------------------------------------------------------------------------------------------------
+# NOTES.txt, helm test
+# ------------------------------------------------------------------------------------------------
+
+def test_notes_tell_how_to_reach_and_scale():
+    notes = ch.install_notes(BASE, overrides={"apiKey": {"value": "k"}}, release="chat")
+    assert "kubectl -n llm port-forward service/chat-llm-predictor-predictor 8080:80" in notes
+    assert "$BASE/v1/models/llama-2-7b-chat:predict" in notes
+    assert '"instances":[{"messages":[{"role":"user","content":"hi"}]}]' in notes
+    assert "$BASE/openai/v1/chat/completions" in notes and "$BASE/openai/v1/completions" in notes
+    assert 'base_url="$BASE/openai/v1"' in notes
+    assert '-H "Authorization: Bearer $API_KEY"' in notes
+    assert "`kubectl scale` does not work" in notes
+    assert "make scale NAME=chat-llm-predictor REPLICAS=3 NAMESPACE=llm" in notes
+    assert "--reuse-values --set minReplicas=3,maxReplicas=3" in notes
+    assert '{"spec":{"predictor":{"minReplicas":3,"maxReplicas":3}}}' in notes
+
+
+def test_notes_multinode_and_knative():
+    notes = ch.install_notes("examples/llama-2-70b-2node.yaml")
+    assert "multi-node" in notes and "do not scale" in notes
+    notes = ch.install_notes(BASE, overrides={"deploymentMode": "Knative"})
+    assert "jsonpath='{.status.url}'" in notes
+
+
+def test_helm_test_pod_waits_for_readiness_then_completes():
+    pod = ch.one(ch.template(BASE), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["BASE_URL"] == "http://t-llm-predictor-predictor.llm.svc"
+    assert env["MODEL_NAME"] == "llama-2-7b-chat"
+    body = json.loads(env["REQUEST_BODY"])
+    assert body["model"] == "llama-2-7b-chat" and body["max_tokens"] == 8
+    script = container["args"][0]
+    assert '"$BASE_URL/v1/models/$MODEL_NAME"' in script and "/openai/v1/completions" in script
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+class _StubPredictor(http.server.BaseHTTPRequestHandler):
+    """Answers like the predictor: 503 on the readiness route twice, then 200; completions need the key."""
+
+    readiness_calls = 0
+    completion_headers: list[str | None] = []
+
+    def do_GET(self):  # noqa: N802
+        cls = type(self)
+        cls.readiness_calls += 1
+        ready = self.path == "/v1/models/llama-2-7b-chat" and cls.readiness_calls > 2
+        self._reply(200 if ready else 503, {"name": "llama-2-7b-chat", "ready": ready})
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).completion_headers.append(self.headers.get("Authorization"))
+        if self.path != "/openai/v1/completions" or self.headers.get("Authorization") != "Bearer k3y":
+            return self._reply(401, {"error": {"message": "missing or wrong API key"}})
+        self._reply(200, {"object": "text_completion", "model": body["model"], "choices": [{"text": " Paris"}]})
+
+    def _reply(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("sh") is None, reason="needs sh and curl")
+def test_helm_test_script_against_a_stub_predictor():
+    pod = ch.one(ch.template(BASE, overrides={"apiKey": {"value": "k3y"}}), "Pod")
+    container = pod["spec"]["containers"][0]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubPredictor)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        env.update(BASE_URL=f"http://127.0.0.1:{server.server_address[1]}", POLL_SECONDS="0.1",
+                   PREDICTOR_API_KEY="k3y", PATH=os.environ["PATH"])
+        run = subprocess.run([*container["command"], container["args"][0]], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert "completion OK" in run.stdout and _StubPredictor.readiness_calls == 3
+        env["PREDICTOR_API_KEY"] = "wrong"
+        run = subprocess.run([*container["command"], container["args"][0]], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode != 0
+        assert _StubPredictor.completion_headers == ["Bearer k3y", "Bearer wrong"]
+    finally:
+        server.shutdown()
+        server.server_close()
