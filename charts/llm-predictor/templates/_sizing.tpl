@@ -1,5 +1,23 @@
 {{/*
-The deployment plan, as JSON: served name, tensor parallel layout and the GPU sizing check.
+llm-predictor.plan: the deployment plan as JSON, computed once per render: the first call stores it on
+the root context (key llmPredictorPlan; Helm hands every template of the chart the same root), later
+calls return the stored text. Takes the root context; use it as
+  {{- $plan := include "llm-predictor.plan" . | fromJson }}
+and hand $plan to the helpers that need it (dict "plan" $plan "context" $).
+*/}}
+{{- define "llm-predictor.plan" -}}
+{{- if not (hasKey . "llmPredictorPlan") }}
+{{- $_ := set . "llmPredictorPlan" (include "llm-predictor.computePlan" .) }}
+{{- end }}
+{{- get . "llmPredictorPlan" }}
+{{- end }}
+
+{{/*
+llm-predictor.computePlan: the deployment plan, as JSON: served name, tensor parallel layout and the
+GPU sizing check. Takes the root context; returns
+  {"modelName", "tp", "nodes", "gpusPerPod", "chatTemplate", "weightBytes", "kvCacheBytesPerRank",
+   "perGpuBytes", "startupFailureThreshold"}.
+Call it through llm-predictor.plan, which computes it once per render.
 
 It reads the model's entry from catalog.yaml (the image build's catalog, symlinked into the chart and
 packaged with it) or model.custom, and fails the install with a clear message when
@@ -9,7 +27,7 @@ packaged with it) or model.custom, and fails the install with a clear message wh
   - or the replica / multi-node settings contradict each other.
 Every number from values or the catalog arrives as float64 (Helm decodes YAML numbers so).
 */}}
-{{- define "llm-predictor.plan" -}}
+{{- define "llm-predictor.computePlan" -}}
 {{- $v := .Values }}
 {{- $m := $v.model }}
 {{- $GiB := 1073741824.0 }}
