@@ -111,6 +111,23 @@ def install_notes(*values_files: str, overrides: dict | None = None, release: st
     return out.split("NOTES:", 1)[1] if "NOTES:" in out else ""
 
 
+def render_extra(template_text: str, *values_files: str, overrides: dict | None = None) -> Any:
+    """Render one extra template in a copy of the chart (so it can call the chart's helpers); what it
+    printed, parsed as YAML (JSON is YAML too)."""
+    with tempfile.TemporaryDirectory() as tmpdir:
+        chart = Path(tmpdir) / "llm-predictor"
+        shutil.copytree(CHART, chart)  # follows the catalog.yaml symlink, as `helm package` does
+        (chart / "templates" / "zz-test-extra.yaml").write_text(template_text)
+        out = _run_helm(["template", "t", str(chart), "-n", "llm", "--show-only", "templates/zz-test-extra.yaml",
+                         *_values_args(values_files, overrides, tmpdir)])
+    return yaml.safe_load(out)
+
+
+def plan(*values_files: str, overrides: dict | None = None) -> dict[str, Any]:
+    """The chart's deployment plan (llm-predictor.plan in _sizing.tpl) for these values."""
+    return render_extra('{{ include "llm-predictor.plan" . }}\n', *values_files, overrides=overrides)
+
+
 def lint(*values_files: str) -> str:
     with tempfile.TemporaryDirectory() as tmpdir:
         return _run_helm(["lint", str(CHART), "--strict", *_values_args(values_files, None, tmpdir)])

@@ -40,6 +40,16 @@ def test_notes_multinode_and_knative():
     assert "jsonpath='{.status.url}'" in notes
 
 
+def test_notes_describe_the_kv_cache():
+    notes = ch.install_notes(BASE)
+    assert "KV cache: sized by the predictor at start, as vLLM does: model.gpuMemoryUtilization 0.9 of" in notes
+    assert "at most\n9.0 GiB per GPU (about 18531 tokens)" in notes  # (0.9 * 24 GiB - 12.55 GiB) / 512 KiB a token
+    assert "The install check counted 4 sequences x 4096 tokens (8.0 GiB per GPU)." in notes
+    notes = ch.install_notes(BASE, overrides={"model": {"kvCacheBytes": 4 * 2**30}})
+    assert "KV cache: model.kvCacheBytes, 4.0 GiB per GPU (--kv_cache_bytes), room for 8192 tokens." in notes
+    assert "KV cache: the predictor's default size on CPU" in ch.install_notes("examples/demo-cpu.yaml")
+
+
 def test_helm_test_pod_waits_for_readiness_then_completes():
     pod = ch.one(ch.template(BASE), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"

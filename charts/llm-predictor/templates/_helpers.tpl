@@ -297,8 +297,11 @@ the single-pod and multi-node forms. Takes (dict "plan" $plan "context" $).
 {{- if $m.maxQueue }}
 - --max_queue={{ int $m.maxQueue }}
 {{- end }}
-{{- if gt $plan.kvCacheBytesPerRank 0.0 }}
-- --kv_cache_bytes={{ $plan.kvCacheBytesPerRank | int64 }}
+{{- if .context.Values.gpu.enabled }}
+- --gpu_memory_utilization={{ $m.gpuMemoryUtilization }}
+{{- end }}
+{{- if $m.kvCacheBytes }}
+- --kv_cache_bytes={{ $m.kvCacheBytes | int64 }}
 {{- end }}
 {{- with $plan.chatTemplate }}
 - --chat_template={{ . }}
