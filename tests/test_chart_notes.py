@@ -5,13 +5,13 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import shutil
 import subprocess
+import sys
 import threading
 
 import chart_helpers as ch
-import pytest
-from chart_helpers import BASE
+import yaml
+from chart_helpers import BASE, container_of, isvc_of
 
 pytestmark = ch.needs_helm
 
@@ -51,7 +51,8 @@ def test_notes_describe_the_kv_cache():
 
 
 def test_helm_test_pod_waits_for_readiness_then_completes():
-    pod = ch.one(ch.template(BASE), "Pod")
+    objects = ch.template(BASE)
+    pod = ch.one(objects, "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     container = pod["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -60,8 +61,29 @@ def test_helm_test_pod_waits_for_readiness_then_completes():
     body = json.loads(env["REQUEST_BODY"])
     assert body["model"] == "llama-2-7b-chat" and body["max_tokens"] == 8
     script = container["args"][0]
-    assert '"$BASE_URL/v1/models/$MODEL_NAME"' in script and "/openai/v1/completions" in script
+    assert '"{base}/v1/models/{name}"' in script and "/openai/v1/completions" in script
     assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_helm_test_pod_runs_the_predictor_image_with_its_pull_secrets():
+    """No other registry: the model image's python3 (there is no curl in it), pulled with the release's secrets,
+    on the node of a predictor pod where that image already is."""
+    objects = ch.template(BASE, overrides={"pullSecret": {"server": "registry.example.com", "username": "robot",
+                                                          "password": "s3cret"}})
+    pod, predictor = ch.one(objects, "Pod"), isvc_of(objects)["spec"]["predictor"]
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == container_of(objects)["image"] == "registry.example.com/llm/llama-2-7b-chat:0.1.0"
+    assert container["imagePullPolicy"] == container_of(objects)["imagePullPolicy"]
+    assert container["command"] == ["python3", "-c"] and "curl" not in yaml.safe_dump(pod)
+    assert pod["spec"]["imagePullSecrets"] == predictor["imagePullSecrets"] == [
+        {"name": "regcred"}, {"name": "t-llm-predictor-pull-secret"}]
+    assert pod["spec"]["tolerations"] == predictor["tolerations"]
+    term = pod["spec"]["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    pod_labels = {**isvc_of(objects)["metadata"]["labels"], **predictor["labels"]}
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert "imagePullSecrets" not in ch.one(ch.template("examples/demo-cpu.yaml"), "Pod")["spec"]
+    other = ch.one(ch.template(BASE, overrides={"test": {"image": "python:3.12-slim"}}), "Pod")
+    assert other["spec"]["containers"][0]["image"] == "python:3.12-slim"
 
 
 class _StubPredictor(http.server.BaseHTTPRequestHandler):
@@ -95,26 +117,31 @@ class _StubPredictor(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("sh") is None, reason="needs sh and curl")
+def _run_test_pod(container, **env_overrides) -> subprocess.CompletedProcess:
+    """The test pod's command, run here with this interpreter in place of the image's python3."""
+    assert container["command"][0] == "python3"
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env.update(POLL_SECONDS="0.1", PATH=os.environ["PATH"], **env_overrides)
+    return subprocess.run([sys.executable, *container["command"][1:], *container["args"]], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_helm_test_script_against_a_stub_predictor():
     pod = ch.one(ch.template(BASE, overrides={"apiKey": {"value": "k3y"}}), "Pod")
     container = pod["spec"]["containers"][0]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubPredictor)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-        env.update(BASE_URL=f"http://127.0.0.1:{server.server_address[1]}", POLL_SECONDS="0.1",
-                   PREDICTOR_API_KEY="k3y", PATH=os.environ["PATH"])
-        run = subprocess.run([*container["command"], container["args"][0]], env=env, capture_output=True,
-                             text=True, timeout=60)
+        run = _run_test_pod(container, BASE_URL=base, PREDICTOR_API_KEY="k3y")
         assert run.returncode == 0, run.stderr
         assert "completion OK" in run.stdout and _StubPredictor.readiness_calls == 3
-        env["PREDICTOR_API_KEY"] = "wrong"
-        run = subprocess.run([*container["command"], container["args"][0]], env=env, capture_output=True,
-                             text=True, timeout=60)
-        assert run.returncode != 0
+        run = _run_test_pod(container, BASE_URL=base, PREDICTOR_API_KEY="wrong")
+        assert run.returncode != 0 and "completion failed: HTTP 401" in run.stderr
         assert _StubPredictor.completion_headers == ["Bearer k3y", "Bearer wrong"]
+        run = _run_test_pod(container, BASE_URL=base, MODEL_NAME="other", TIMEOUT_SECONDS="0.3")
+        assert run.returncode != 0 and f"model other not ready at {base} after 0s" in run.stderr
     finally:
         server.shutdown()
         server.server_close()
