@@ -34,11 +34,17 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 lint: install
 	$(VENV)/bin/ruff check predictor tests build examples
 
-tools: $(TOOLS)/helm
+tools: $(TOOLS)/helm $(VENV)/.chart-lint-installed
 
 $(TOOLS)/helm: build/fetch_tools.py
 	@if command -v helm >/dev/null 2>&1; then mkdir -p $(TOOLS) && ln -sf "$$(command -v helm)" $@; \
 	else $(PYTHON) build/fetch_tools.py $(TOOLS); fi
+
+# What chart-testing's `ct lint` runs besides helm (ct itself is a Go binary that no reachable registry ships);
+# tests/test_chart_lint.py runs ct's checks with them.
+$(VENV)/.chart-lint-installed: $(VENV)/.installed
+	$(PY) -m pip install -q yamllint==1.38.0 yamale==6.0.0
+	touch $@
 
 # make image MODEL=<catalog name | model dir | demo> TAG=<registry/repo:tag> [MODEL_DIR=<weights of a catalog name>] [PUSH=1]
 image: install

@@ -181,8 +181,8 @@ def _chart_kv_rule() -> dict[str, dict]:
 ''', BASE)
 
 
-def test_missing_image_fails_without_any_values_file():
-    error = ch.template_error(overrides={"model": {"catalogName": "demo"}, "gpu": {"enabled": False}})
+def test_empty_image_fails_without_any_values_file():
+    error = ch.template_error(overrides={"image": {"repository": ""}})
     assert "at '/image/repository': minLength: got 0, want 1" in error
 
 
