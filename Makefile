@@ -6,7 +6,7 @@ TOOLS := .tools/bin
 HELM ?= $(shell command -v helm 2>/dev/null || echo $(CURDIR)/$(TOOLS)/helm)
 export HELM
 
-.PHONY: install run test bench lint tools image scale clean
+.PHONY: install run test bench lint tools image scale chart-docs clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ $(TOOLS)/helm: build/fetch_tools.py
 $(VENV)/.chart-lint-installed: $(VENV)/.installed
 	$(PY) -m pip install -q yamllint==1.38.0 yamale==6.0.0
 	touch $@
+
+# charts/llm-predictor/README.md from its README.md.gotmpl and the `# --` comments of values.yaml (helm-docs' format).
+chart-docs: install
+	$(PY) build/chart_docs.py charts/llm-predictor
 
 # make image MODEL=<catalog name | model dir | demo> TAG=<registry/repo:tag> [MODEL_DIR=<weights of a catalog name>] [PUSH=1]
 image: install
