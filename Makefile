@@ -6,7 +6,7 @@ TOOLS := .tools/bin
 HELM ?= $(shell command -v helm 2>/dev/null || echo $(CURDIR)/$(TOOLS)/helm)
 export HELM
 
-.PHONY: install run test bench lint tools image scale clean
+.PHONY: install run test bench lint tools image scale chart-docs clean
 
 install: $(VENV)/.installed
 
@@ -34,11 +34,21 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 lint: install
 	$(VENV)/bin/ruff check predictor tests build examples
 
-tools: $(TOOLS)/helm
+tools: $(TOOLS)/helm $(VENV)/.chart-lint-installed
 
 $(TOOLS)/helm: build/fetch_tools.py
 	@if command -v helm >/dev/null 2>&1; then mkdir -p $(TOOLS) && ln -sf "$$(command -v helm)" $@; \
 	else $(PYTHON) build/fetch_tools.py $(TOOLS); fi
+
+# What chart-testing's `ct lint` runs besides helm (ct itself is a Go binary that no reachable registry ships);
+# tests/test_chart_lint.py runs ct's checks with them.
+$(VENV)/.chart-lint-installed: $(VENV)/.installed
+	$(PY) -m pip install -q yamllint==1.38.0 yamale==6.0.0
+	touch $@
+
+# charts/llm-predictor/README.md from its README.md.gotmpl and the `# --` comments of values.yaml (helm-docs' format).
+chart-docs: install
+	$(PY) build/chart_docs.py charts/llm-predictor
 
 # make image MODEL=<catalog name | model dir | demo> TAG=<registry/repo:tag> [MODEL_DIR=<weights of a catalog name>] [PUSH=1]
 image: install

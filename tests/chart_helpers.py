@@ -1,4 +1,5 @@
-"""Helpers for tests/test_chart.py: run helm, and round-trip objects through the KServe/Kubernetes SDK models."""
+"""Shared by the chart tests (tests/test_chart_*.py): run helm, pick objects out of what it rendered, and
+round-trip objects through the KServe/Kubernetes SDK models."""
 
 from __future__ import annotations
 
@@ -12,11 +13,27 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "llm-predictor"
 EXAMPLES = REPO / "examples"
+
+EXAMPLE_FILES = sorted(p.relative_to(REPO).as_posix() for p in EXAMPLES.glob("*.yaml"))
+EXPECTED_EXAMPLES = {
+    "examples/llama-2-7b-chat.yaml": (1, 1),  # (tensor parallel size, GPUs per pod)
+    "examples/llama-2-13b.yaml": (2, 2),
+    "examples/llama-2-70b.yaml": (8, 8),
+    "examples/llama-2-70b-2node.yaml": (8, 4),
+    "examples/falcon-7b-instruct.yaml": (1, 1),
+    "examples/mistral-7b-instruct.yaml": (1, 1),
+    "examples/demo-cpu.yaml": (1, 0),
+}
+K8S_VERSION = "1.35"
+CATALOG = yaml.safe_load((REPO / "predictor" / "tools" / "catalog.yaml").read_text())["models"]
+# Small base for failure cases: a 7B chat model on one 80 GiB GPU.
+BASE = "examples/llama-2-7b-chat.yaml"
 
 
 def find_helm() -> str | None:
@@ -26,6 +43,12 @@ def find_helm() -> str | None:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+needs_helm = pytest.mark.skipif(
+    find_helm() is None,
+    reason="helm not found: set HELM, put helm on PATH, or run `make tools` (installs it into .tools/bin)",
+)
 
 
 class HelmError(Exception):
@@ -88,6 +111,23 @@ def install_notes(*values_files: str, overrides: dict | None = None, release: st
     return out.split("NOTES:", 1)[1] if "NOTES:" in out else ""
 
 
+def render_extra(template_text: str, *values_files: str, overrides: dict | None = None) -> Any:
+    """Render one extra template in a copy of the chart (so it can call the chart's helpers); what it
+    printed, parsed as YAML (JSON is YAML too)."""
+    with tempfile.TemporaryDirectory() as tmpdir:
+        chart = Path(tmpdir) / "llm-predictor"
+        shutil.copytree(CHART, chart)  # follows the catalog.yaml symlink, as `helm package` does
+        (chart / "templates" / "zz-test-extra.yaml").write_text(template_text)
+        out = _run_helm(["template", "t", str(chart), "-n", "llm", "--show-only", "templates/zz-test-extra.yaml",
+                         *_values_args(values_files, overrides, tmpdir)])
+    return yaml.safe_load(out)
+
+
+def plan(*values_files: str, overrides: dict | None = None) -> dict[str, Any]:
+    """The chart's deployment plan (llm-predictor.plan in _sizing.tpl) for these values."""
+    return render_extra('{{ include "llm-predictor.plan" . }}\n', *values_files, overrides=overrides)
+
+
 def lint(*values_files: str) -> str:
     with tempfile.TemporaryDirectory() as tmpdir:
         return _run_helm(["lint", str(CHART), "--strict", *_values_args(values_files, None, tmpdir)])
@@ -108,6 +148,28 @@ def one(objects: list[dict], kind: str) -> dict:
     found = by_kind(objects, kind)
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
+
+
+def isvc_of(objects):
+    return one(objects, "InferenceService")
+
+
+def container_of(objects):
+    containers = isvc_of(objects)["spec"]["predictor"]["containers"]
+    assert [c["name"] for c in containers] == ["kserve-container"]
+    return containers[0]
+
+
+def args_of(container) -> dict[str, str]:
+    return dict(arg[2:].split("=", 1) for arg in container["args"] if arg.startswith("--") and "=" in arg)
+
+
+def pod_specs(objects) -> list[tuple[str, dict]]:
+    """Every pod spec the chart renders: the predictor, the multi-node workers, the helm test pod."""
+    specs = [("InferenceService", isvc_of(objects)["spec"]["predictor"])]
+    specs += [("StatefulSet", s["spec"]["template"]["spec"]) for s in by_kind(objects, "StatefulSet")]
+    specs += [("Pod", p["spec"]) for p in by_kind(objects, "Pod")]
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------

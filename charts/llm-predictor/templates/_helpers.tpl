@@ -1,13 +1,21 @@
+{{- /*
+Helpers of the llm-predictor chart. Each takes the root context (.) unless its comment says otherwise;
+helpers that need the deployment plan take a dict with "plan" (the plan, see llm-predictor.plan in
+_sizing.tpl) and "context" (the root context), in the style of bitnami's common chart.
+*/ -}}
+
 {{/*
-Expand the name of the chart.
+llm-predictor.name: the chart name, or nameOverride; at most 63 characters.
 */}}
 {{- define "llm-predictor.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{/*
-Fully qualified app name, also the InferenceService name. KServe appends "-predictor" (and
-"-predictor-<hash>" for pods), so it is truncated to 45 characters to keep derived names valid.
+llm-predictor.fullname: the fully qualified app name, also the InferenceService name: fullnameOverride,
+else the release name plus the chart name (unless the release name contains it). KServe appends
+"-predictor" (and "-predictor-<hash>" for pods), so it is truncated to 45 characters to keep derived
+names valid.
 */}}
 {{- define "llm-predictor.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -23,14 +31,14 @@ Fully qualified app name, also the InferenceService name. KServe appends "-predi
 {{- end }}
 
 {{/*
-Chart name and version as used by the chart label.
+llm-predictor.chart: "<chart name>-<chart version>", the value of the helm.sh/chart label.
 */}}
 {{- define "llm-predictor.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{/*
-Selector labels.
+llm-predictor.selectorLabels: the labels that select this release's pods (YAML lines).
 */}}
 {{- define "llm-predictor.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "llm-predictor.name" . }}
@@ -38,7 +46,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-Common labels.
+llm-predictor.labels: the labels of every object: chart, selector, version and managed-by labels,
+plus the values' labels (YAML lines).
 */}}
 {{- define "llm-predictor.labels" -}}
 helm.sh/chart: {{ include "llm-predictor.chart" . }}
@@ -51,14 +60,24 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-Name of the KServe predictor component (Deployment / Service / Knative Service).
+llm-predictor.predictorName: "<fullname>-predictor", the name KServe gives the predictor component
+(Deployment and Service in Standard mode, Knative Service in Knative mode).
 */}}
 {{- define "llm-predictor.predictorName" -}}
 {{- printf "%s-predictor" (include "llm-predictor.fullname" .) }}
 {{- end }}
 
 {{/*
-Model image reference: repository@digest, repository:tag, or repository:appVersion.
+llm-predictor.httpPort: the port the predictor serves HTTP on: its --http_port, the container port,
+the probes' port and the Prometheus scrape port. 8080 is KServe's port for a custom predictor.
+*/}}
+{{- define "llm-predictor.httpPort" -}}
+8080
+{{- end }}
+
+{{/*
+llm-predictor.image: the model image reference: repository@digest, repository:tag, or
+repository:appVersion. Fails when image.repository is empty.
 */}}
 {{- define "llm-predictor.image" -}}
 {{- $repo := required "image.repository is required: the model image built with `make image`, e.g. --set image.repository=registry.example.com/llm/llama-2-7b-chat" .Values.image.repository }}
@@ -70,7 +89,8 @@ Model image reference: repository@digest, repository:tag, or repository:appVersi
 {{- end }}
 
 {{/*
-Name of the ServiceAccount the pods run as.
+llm-predictor.serviceAccountName: the ServiceAccount the pods run as: serviceAccount.name, else the
+full name when the chart creates it, else "default".
 */}}
 {{- define "llm-predictor.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
@@ -81,7 +101,8 @@ Name of the ServiceAccount the pods run as.
 {{- end }}
 
 {{/*
-Whether the chart creates a dockerconfigjson Secret, and its name.
+llm-predictor.createPullSecret: "true" when the chart creates a dockerconfigjson Secret (registry
+credentials or pullSecret.dockerConfigJson), else empty. Fails on contradictory pullSecret values.
 */}}
 {{- define "llm-predictor.createPullSecret" -}}
 {{- $p := .Values.pullSecret }}
@@ -101,12 +122,16 @@ Whether the chart creates a dockerconfigjson Secret, and its name.
 {{- end }}
 {{- end }}
 
+{{/*
+llm-predictor.pullSecretName: the name of the chart-created pull Secret.
+*/}}
 {{- define "llm-predictor.pullSecretName" -}}
 {{- default (printf "%s-pull-secret" (include "llm-predictor.fullname" .)) .Values.pullSecret.name }}
 {{- end }}
 
 {{/*
-imagePullSecrets list (YAML), empty when there is none.
+llm-predictor.imagePullSecrets: the imagePullSecrets list (YAML "- name: ..." lines): the existing
+Secrets, then the chart-created one; empty when there is none.
 */}}
 {{- define "llm-predictor.imagePullSecrets" -}}
 {{- $names := list }}
@@ -122,7 +147,8 @@ imagePullSecrets list (YAML), empty when there is none.
 {{- end }}
 
 {{/*
-The .dockerconfigjson document of the chart-created pull Secret.
+llm-predictor.dockerConfigJson: the .dockerconfigjson document (JSON text) of the chart-created pull
+Secret. Fails when pullSecret.dockerConfigJson is not a JSON document with "auths".
 */}}
 {{- define "llm-predictor.dockerConfigJson" -}}
 {{- $p := .Values.pullSecret }}
@@ -142,7 +168,8 @@ The .dockerconfigjson document of the chart-created pull Secret.
 {{- end }}
 
 {{/*
-Name of the Secret holding the API key and whether there is one.
+llm-predictor.apiKeySecretName: the name of the Secret holding the API key (apiKey.existingSecret, or
+the chart-created <fullname>-api-key); empty when there is no API key.
 */}}
 {{- define "llm-predictor.apiKeySecretName" -}}
 {{- if .Values.apiKey.existingSecret }}
@@ -153,8 +180,8 @@ Name of the Secret holding the API key and whether there is one.
 {{- end }}
 
 {{/*
-Volumes and mounts shared by the head and the workers: read-only root filesystem plus writable
-emptyDirs for /tmp and HOME, and a memory-backed /dev/shm for NCCL.
+llm-predictor.volumes: the pod volumes shared by the head and the workers (YAML list): the root
+filesystem is read-only, so writable emptyDirs for /tmp and HOME, and a memory-backed /dev/shm for NCCL.
 */}}
 {{- define "llm-predictor.volumes" -}}
 - name: dshm
@@ -169,6 +196,9 @@ emptyDirs for /tmp and HOME, and a memory-backed /dev/shm for NCCL.
     sizeLimit: {{ .Values.home.sizeLimit | quote }}
 {{- end }}
 
+{{/*
+llm-predictor.volumeMounts: the container's mounts of llm-predictor.volumes (YAML list).
+*/}}
 {{- define "llm-predictor.volumeMounts" -}}
 - name: dshm
   mountPath: /dev/shm
@@ -179,7 +209,8 @@ emptyDirs for /tmp and HOME, and a memory-backed /dev/shm for NCCL.
 {{- end }}
 
 {{/*
-Environment shared by the head and the workers.
+llm-predictor.env: the container environment shared by the head and the workers (YAML list): HOME, the
+API key from its Secret, then the values' env.
 */}}
 {{- define "llm-predictor.env" -}}
 - name: HOME
@@ -197,22 +228,24 @@ Environment shared by the head and the workers.
 {{- end }}
 
 {{/*
-Resources of one pod: the values' cpu/memory plus gpusPerPod GPUs in requests and limits.
-Quantities are rendered as strings, as Kubernetes' API types them.
+llm-predictor.resources: the resources of one pod (YAML): the values' requests and limits plus the
+plan's gpusPerPod GPUs in both. Quantities are rendered as strings, as Kubernetes' API types them.
+Takes (dict "plan" $plan "context" $).
 */}}
 {{- define "llm-predictor.resources" -}}
-{{- $plan := include "llm-predictor.plan" . | fromJson }}
+{{- $plan := .plan }}
+{{- $v := .context.Values }}
 {{- $requests := dict }}
 {{- $limits := dict }}
-{{- range $k, $v := (.Values.resources.requests | default dict) }}
-{{- $_ := set $requests $k (toString $v) }}
+{{- range $k, $q := ($v.resources.requests | default dict) }}
+{{- $_ := set $requests $k (toString $q) }}
 {{- end }}
-{{- range $k, $v := (.Values.resources.limits | default dict) }}
-{{- $_ := set $limits $k (toString $v) }}
+{{- range $k, $q := ($v.resources.limits | default dict) }}
+{{- $_ := set $limits $k (toString $q) }}
 {{- end }}
-{{- if .Values.gpu.enabled }}
-{{- $_ := set $requests .Values.gpu.resourceName (toString (int $plan.gpusPerPod)) }}
-{{- $_ := set $limits .Values.gpu.resourceName (toString (int $plan.gpusPerPod)) }}
+{{- if $v.gpu.enabled }}
+{{- $_ := set $requests $v.gpu.resourceName (toString (int $plan.gpusPerPod)) }}
+{{- $_ := set $limits $v.gpu.resourceName (toString (int $plan.gpusPerPod)) }}
 {{- end }}
 {{- $out := dict }}
 {{- if $requests }}{{ $_ := set $out "requests" $requests }}{{ end }}
@@ -221,7 +254,8 @@ Quantities are rendered as strings, as Kubernetes' API types them.
 {{- end }}
 
 {{/*
-Pod scheduling fields shared by the head and the workers.
+llm-predictor.scheduling: the pod's scheduling fields shared by the head and the workers (YAML):
+nodeSelector, tolerations, affinity, priorityClassName, each only when set.
 */}}
 {{- define "llm-predictor.scheduling" -}}
 {{- with .Values.nodeSelector }}
@@ -242,14 +276,15 @@ priorityClassName: {{ . }}
 {{- end }}
 
 {{/*
-Predictor flags (KServe style --flag=value) shared by the single-pod and multi-node forms.
+llm-predictor.predictorArgs: the predictor's flags (KServe style --flag=value, YAML list) shared by
+the single-pod and multi-node forms. Takes (dict "plan" $plan "context" $).
 */}}
 {{- define "llm-predictor.predictorArgs" -}}
-{{- $plan := include "llm-predictor.plan" . | fromJson }}
-{{- $m := .Values.model -}}
+{{- $plan := .plan }}
+{{- $m := .context.Values.model -}}
 - --model_name={{ $plan.modelName }}
 - --model_dir={{ $m.dir }}
-- --http_port=8080
+- --http_port={{ include "llm-predictor.httpPort" .context }}
 - --dtype={{ $m.dtype }}
 - --device={{ $m.device }}
 - --tensor_parallel_size={{ int $plan.tp }}
@@ -262,8 +297,11 @@ Predictor flags (KServe style --flag=value) shared by the single-pod and multi-n
 {{- if $m.maxQueue }}
 - --max_queue={{ int $m.maxQueue }}
 {{- end }}
-{{- if gt $plan.kvCacheBytesPerRank 0.0 }}
-- --kv_cache_bytes={{ $plan.kvCacheBytesPerRank | int64 }}
+{{- if .context.Values.gpu.enabled }}
+- --gpu_memory_utilization={{ $m.gpuMemoryUtilization }}
+{{- end }}
+{{- if $m.kvCacheBytes }}
+- --kv_cache_bytes={{ $m.kvCacheBytes | int64 }}
 {{- end }}
 {{- with $plan.chatTemplate }}
 - --chat_template={{ . }}
@@ -275,43 +313,48 @@ Predictor flags (KServe style --flag=value) shared by the single-pod and multi-n
 {{- end }}
 
 {{/*
-An HTTP probe on the model's readiness route.
+llm-predictor.probe: an HTTP probe (YAML) on the model's readiness route, /v1/models/<name>, which
+answers 503 while the weights load and 200 once the model is ready. Takes (dict "probe" <one of
+.Values.probes> "failureThreshold" <int> "plan" $plan "context" $).
 */}}
 {{- define "llm-predictor.probe" -}}
-{{- $root := index . 0 }}
-{{- $p := index . 1 }}
-{{- $failureThreshold := index . 2 }}
-{{- $plan := include "llm-predictor.plan" $root | fromJson -}}
+{{- $p := .probe -}}
 httpGet:
-  path: /v1/models/{{ $plan.modelName }}
-  port: 8080
+  path: /v1/models/{{ .plan.modelName }}
+  port: {{ include "llm-predictor.httpPort" .context }}
 periodSeconds: {{ int $p.periodSeconds }}
 timeoutSeconds: {{ int $p.timeoutSeconds }}
-failureThreshold: {{ int $failureThreshold }}
+failureThreshold: {{ int .failureThreshold }}
 {{- end }}
 
 {{/*
-Multi-node: DNS name of the head's headless Service, which the rendezvous goes through.
+llm-predictor.headService: multi-node: the name of the head's headless Service, which the
+rendezvous goes through.
 */}}
 {{- define "llm-predictor.headService" -}}
 {{- printf "%s-head" (include "llm-predictor.fullname" .) }}
 {{- end }}
 
+{{/*
+llm-predictor.workerName: multi-node: the name of the workers' StatefulSet and headless Service.
+*/}}
 {{- define "llm-predictor.workerName" -}}
 {{- printf "%s-worker" (include "llm-predictor.fullname" .) }}
 {{- end }}
 
 {{/*
-Multi-node: torchrun options after the node rank, then the predictor module. Static rendezvous on
-the head (node rank 0, which also serves HTTP); workers take their node rank from PET_NODE_RANK.
+llm-predictor.torchrunArgs: multi-node: torchrun's options after the node rank, then the predictor
+module (YAML list). Static rendezvous on the head (node rank 0, which also serves HTTP); workers take
+their node rank from PET_NODE_RANK. Takes (dict "plan" $plan "context" $).
 */}}
 {{- define "llm-predictor.torchrunArgs" -}}
-{{- $plan := include "llm-predictor.plan" . | fromJson -}}
+{{- $plan := .plan }}
+{{- $ctx := .context -}}
 - --nnodes={{ int $plan.nodes }}
 - --nproc_per_node={{ int $plan.gpusPerPod }}
 - --rdzv_backend=static
-- --rdzv_endpoint={{ include "llm-predictor.headService" . }}.{{ .Release.Namespace }}.svc:{{ int .Values.multiNode.rendezvousPort }}
-- --rdzv_conf=timeout={{ int .Values.multiNode.rendezvousTimeoutSeconds }}
+- --rdzv_endpoint={{ include "llm-predictor.headService" $ctx }}.{{ $ctx.Release.Namespace }}.svc:{{ int $ctx.Values.multiNode.rendezvousPort }}
+- --rdzv_conf=timeout={{ int $ctx.Values.multiNode.rendezvousTimeoutSeconds }}
 - --max_restarts=0
 - -m
 - predictor
