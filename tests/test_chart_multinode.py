@@ -16,8 +16,6 @@ import chart_helpers as ch
 import pytest
 from chart_helpers import args_of, container_of, isvc_of
 
-from predictor.config import Settings
-
 pytestmark = ch.needs_helm
 
 # ------------------------------------------------------------------------------------------------
@@ -71,9 +69,6 @@ def test_multinode_three_nodes():
     assert "--nproc_per_node=2" in container_of(objects)["args"]
 
 
-PREDICTOR_HAS_GPU_MEMORY_UTILIZATION = "gpu_memory_utilization" in Settings.model_fields
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -97,8 +92,6 @@ def test_multinode_commands_run_the_predictor_across_two_nodes(tmp_path):
         for arg in container["args"]:
             if arg.startswith("--model_dir="):
                 continue  # no weights at /mnt/models here: the predictor serves its demo model
-            if arg.startswith("--gpu_memory_utilization=") and not PREDICTOR_HAS_GPU_MEMORY_UTILIZATION:
-                continue  # a predictor from before the flag (it only applies to CUDA anyway)
             arg = {"--device=auto": "--device=cpu", "--http_port=8080": f"--http_port={http_port}"}.get(arg, arg)
             if arg.startswith("--rdzv_endpoint="):
                 arg = f"--rdzv_endpoint=127.0.0.1:{rdzv_port}"

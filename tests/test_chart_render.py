@@ -208,11 +208,6 @@ def test_scheduling_labels_and_annotations_pass_through():
     assert args_of(container)["max_num_seqs"] == "16" and args_of(container)["max_queue"] == "64"
 
 
-# Flags the chart passes that the predictor in this tree may not know yet: --gpu_memory_utilization comes with the
-# engine change that sizes the KV cache from GPU memory. Once predictor.config.Settings has it, this set is moot.
-FLAGS_OF_A_NEWER_PREDICTOR = {"gpu_memory_utilization"}
-
-
 def test_every_flag_the_chart_passes_is_a_predictor_setting():
     from predictor.config import Settings
 
@@ -224,9 +219,9 @@ def test_every_flag_the_chart_passes_is_a_predictor_setting():
         start = container["args"].index("predictor") + 1  # torchrun's own options come first
         flags = {arg[2:].split("=", 1)[0] for arg in container["args"][start:]}
         assert {"max_model_len", "max_num_seqs", "max_queue", "kv_cache_bytes", "gpu_memory_utilization"} <= flags
-        assert flags - set(Settings.model_fields) <= FLAGS_OF_A_NEWER_PREDICTOR
+        assert flags <= set(Settings.model_fields)
     flags = {arg[2:].split("=", 1)[0] for arg in container_of(ch.template(BASE, overrides=overrides))["args"]}
-    assert flags - set(Settings.model_fields) <= FLAGS_OF_A_NEWER_PREDICTOR
+    assert flags <= set(Settings.model_fields)
 
 
 def test_image_digest_wins_over_tag():
