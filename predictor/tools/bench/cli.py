@@ -14,8 +14,9 @@ from pathlib import Path
 
 from predictor.tools.bench import client, machine, report, server
 from predictor.tools.bench.baseline import BaselineResult, run_one_at_a_time
-from predictor.tools.bench.raw_loop import load_model, median_prefill_seconds, run_raw_loop
+from predictor.tools.bench.raw_loop import load_model, median_prefill_seconds, run_compiled_loop, run_raw_loop
 from predictor.tools.bench.results import RATIO_STREAMS, BenchRun, SweepPoint
+from predictor.tools.bench.shapes import SHAPES, make_shape_model
 from predictor.tools.bench.workload import BenchRequest, build_workload, parse_range
 
 logger = logging.getLogger("predictor.tools.bench")
@@ -48,6 +49,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max_model_len", type=int, default=512, help="local server's --max_model_len")
     parser.add_argument("--server_args", default="", help="more flags for the local server, one shell-quoted string")
     parser.add_argument("--api_key", help="bearer token for a server started with --api_key")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the in-process loops and the local server run")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="weights' dtype (default: float32 on the CPU, bfloat16 on CUDA)")
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        help="measure a random-weight Llama of this real shape, made in the run, instead of the "
+                             "demo model")
+    parser.add_argument("--sampled", action="store_true",
+                        help="run the largest wave again sampling (temperature 0.8, top_p 0.9, a seed per request)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run: {QUICK['concurrency']} streams, prompts {QUICK['prompt_tokens']}, "
                              f"max_tokens {QUICK['max_tokens']}")
@@ -66,7 +76,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--concurrency must be positive")
     if not args.url and args.prompt_tokens[1] + args.max_tokens[1] > args.max_model_len:
         parser.error("the longest prompt plus max_tokens must fit --max_model_len")
-    args.model = args.model or ("model" if args.model_dir else "demo")
+    if args.shape and args.model_dir:
+        parser.error("give --shape or --model_dir, not both")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.model = args.model or ("model" if args.model_dir or args.shape else "demo")
     return args
 
 
@@ -75,8 +88,11 @@ class InProcess:
     """What the in-process measurements produce for the report."""
 
     raw_by_streams: dict
+    compiled_by_streams: dict
     baseline: BaselineResult | None
     single_prefill_s: float | None
+    roofline_tokens_per_s: float | None
+    copy_bandwidth_bytes_per_s: float | None
     notes: list[str]
 
 
@@ -86,20 +102,39 @@ def wave_requests(workload: list[BenchRequest], concurrency: int, min_requests: 
 
 
 def measure_in_process(args, model_dir: Path, workload: list[BenchRequest], pad_id: int) -> InProcess:
-    model = load_model(model_dir)
+    model = load_model(model_dir, args.device, args.dtype)
     run_raw_loop(model, [BenchRequest(r.prompt, r.prompt_ids, 4) for r in workload[:2]], pad_id)  # warm-up
     single_prefill_s = median_prefill_seconds(model, wave_requests(workload, 1, args.min_wave_requests))
-    raw_by_streams = {}
+    raw_by_streams, compiled_by_streams, notes = {}, {}, []
     for streams in args.concurrency:
         raw = raw_by_streams[streams] = run_raw_loop(model, workload[:streams], pad_id)
         logger.info("raw loop, %d streams: %.1f tok/s (prefill %.0f ms)", streams, raw.tokens_per_s,
                     raw.prefill_s * 1000)
+        if args.device == "cuda":
+            try:
+                compiled = compiled_by_streams[streams] = run_compiled_loop(model, workload[:streams], pad_id)
+                logger.info("compiled loop, %d streams: %.1f tok/s", streams, compiled.tokens_per_s)
+            except Exception as err:  # noqa: BLE001 - the reference loop failing must not lose the other figures
+                notes.append(f"compiled loop, {streams} streams, failed: {type(err).__name__}: {err}"[:300])
     baseline = run_one_at_a_time(model, workload[:args.baseline_requests], pad_id)
     logger.info("one at a time: %.1f tok/s", baseline.tokens_per_s)
-    notes = [_parity_note(raw_by_streams[max(args.concurrency)], baseline)]
+    notes.append(_parity_note(raw_by_streams[max(args.concurrency)], baseline))
+    bandwidth = machine.copy_bandwidth_bytes_per_s(args.device)
+    roofline = bandwidth / _bytes_per_step(model, workload[0])
     del model
     gc.collect()
-    return InProcess(raw_by_streams, baseline, single_prefill_s, notes)
+    return InProcess(raw_by_streams, compiled_by_streams, baseline, single_prefill_s, roofline, bandwidth, notes)
+
+
+def _bytes_per_step(model, request: BenchRequest) -> int:
+    """What one decode step of one stream must read: every weight, and the KV cache at the mid-generation length."""
+    from predictor import model_facts
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = model.config.to_dict()
+    element = next(model.parameters()).element_size()
+    context = len(request.prompt_ids) + request.max_tokens // 2
+    return weights + model_facts.config_kv_bytes_per_token(config, element) * context
 
 
 def _parity_note(raw, baseline: BaselineResult) -> str:
@@ -128,9 +163,23 @@ def measure_server(args, target: client.Target, workload: list[BenchRequest], lo
     return points
 
 
+def measure_sampled(args, target: client.Target, workload: list[BenchRequest]) -> client.WaveResult:
+    streams = max(args.concurrency)
+    requests = wave_requests(workload, streams, args.min_wave_requests)
+    sampling = client.Target(target.url, target.model, target.api_key, target.include_usage,
+                             {"temperature": 0.8, "top_p": 0.9})
+    wave = asyncio.run(client.run_wave(sampling, requests, streams, seeded=True))
+    logger.info("server, %d streams sampling: %.1f tok/s", streams, wave.tokens_per_s)
+    return wave
+
+
+def server_flags(args) -> list[str]:
+    return [f"--max_num_seqs={args.max_num_seqs}", f"--max_model_len={args.max_model_len}",
+            f"--device={args.device}", f"--dtype={args.dtype}", *shlex.split(args.server_args)]
+
+
 def launch_local_server(args, run_dir: Path) -> server.LocalServer:
-    flags = [f"--max_num_seqs={args.max_num_seqs}", f"--max_model_len={args.max_model_len}",
-             *shlex.split(args.server_args)]
+    flags = server_flags(args)
     local = server.launch(run_dir / "server.log", args.model_dir, args.model, flags)
     logger.info("waiting for the local server (pid %d) at %s", local.process.pid, local.url)
     try:
@@ -172,6 +221,8 @@ def measure(args, run_dir: Path) -> BenchRun:
     from predictor.tools.demo import ensure_demo_model
 
     load_at_start = machine.load_average()
+    if args.shape:
+        args.model_dir = make_shape_model(args.shape, args.results_dir / "models", args.device, args.dtype)
     local_model_dir = args.model_dir or (None if args.url else ensure_demo_model())
     notes = []
     if local_model_dir is None:
@@ -187,24 +238,29 @@ def measure(args, run_dir: Path) -> BenchRun:
     try:
         target = client.Target(args.url or local.url, args.model, args.api_key)
         points = measure_server(args, target, workload, local, notes)
+        sampled = measure_sampled(args, target, workload) if args.sampled else None
     finally:
         if local:
             local.stop()
     for point in points:
         point.raw = in_process.raw_by_streams.get(point.concurrency) if in_process else None
+        point.compiled = in_process.compiled_by_streams.get(point.concurrency) if in_process else None
 
     return BenchRun(
         machine=machine.describe(load_at_start),
-        model=args.model + (f" ({local_model_dir}; in process: fp32, CPU)" if local_model_dir else ""),
+        model=args.model + (f" ({local_model_dir}; in process: {args.dtype}, {args.device})" if local_model_dir
+                            else ""),
         workload={
             "prompts": f"{count} prompts of {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens cut from one fixed "
                        f"paragraph (seed {args.seed}); N streams send the first max(N, {args.min_wave_requests})",
             "generation": f"{args.max_tokens[0]}-{args.max_tokens[1]} new tokens per request, greedy, ignore_eos",
         },
-        server=args.url or f"local, python -m predictor --max_num_seqs={args.max_num_seqs} "
-                           f"--max_model_len={args.max_model_len} {args.server_args}".rstrip(),
+        server=args.url or f"local, python -m predictor {' '.join(server_flags(args))}",
         points=points,
         baseline=in_process.baseline if in_process else None,
         single_prefill_s=in_process.single_prefill_s if in_process else None,
+        roofline_tokens_per_s=in_process.roofline_tokens_per_s if in_process else None,
+        copy_bandwidth_bytes_per_s=in_process.copy_bandwidth_bytes_per_s if in_process else None,
+        sampled=sampled,
         notes=notes + (in_process.notes if in_process else []),
     )

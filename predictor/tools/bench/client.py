@@ -56,6 +56,7 @@ class Target:
     model: str
     api_key: str | None = None
     include_usage: bool = True  # ask for the final usage chunk; turned off if the server refuses the field
+    sampling: dict = field(default_factory=lambda: {"temperature": 0})  # greedy unless a wave says otherwise
 
     @property
     def completions_url(self) -> str:
@@ -65,9 +66,11 @@ class Target:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def body(self, request: BenchRequest, max_tokens: int | None = None) -> dict:
+    def body(self, request: BenchRequest, max_tokens: int | None = None, seed: int | None = None) -> dict:
         body = {"model": self.model, "prompt": request.prompt, "max_tokens": max_tokens or request.max_tokens,
-                "temperature": 0, "stream": True, "ignore_eos": True}
+                **self.sampling, "stream": True, "ignore_eos": True}
+        if seed is not None:
+            body["seed"] = seed
         if self.include_usage:
             body["stream_options"] = {"include_usage": True}
         return body
@@ -79,11 +82,11 @@ def new_client(concurrency: int) -> httpx.AsyncClient:
 
 
 async def stream_completion(client: httpx.AsyncClient, target: Target, request: BenchRequest,
-                            max_tokens: int | None = None) -> StreamResult:
+                            max_tokens: int | None = None, seed: int | None = None) -> StreamResult:
     wanted = max_tokens or request.max_tokens
     result = StreamResult(sent_at=time.perf_counter())
     last_text_at, text_chunks, usage_tokens = None, 0, None
-    async with client.stream("POST", target.completions_url, json=target.body(request, wanted),
+    async with client.stream("POST", target.completions_url, json=target.body(request, wanted, seed),
                              headers=target.headers) as response:
         if response.status_code != 200:
             raise ServerRefused(f"{response.status_code}: {(await response.aread()).decode(errors='replace')}")
@@ -129,15 +132,19 @@ async def probe(target: Target, request: BenchRequest, max_tokens: int = 4) -> N
             await stream_completion(client, target, request, max_tokens)
 
 
-async def run_wave(target: Target, requests: list[BenchRequest], concurrency: int) -> WaveResult:
-    """`concurrency` clients, each sending its share of `requests` one after another."""
+async def run_wave(target: Target, requests: list[BenchRequest], concurrency: int,
+                   seeded: bool = False) -> WaveResult:
+    """`concurrency` clients, each sending its share of `requests` one after another; seeded: request i asks for
+    seed i."""
     async with new_client(concurrency) as client:
 
-        async def one_client(share: list[BenchRequest]) -> list[StreamResult]:
-            return [await stream_completion(client, target, request) for request in share]
+        async def one_client(share: list[tuple[int, BenchRequest]]) -> list[StreamResult]:
+            return [await stream_completion(client, target, request, seed=index if seeded else None)
+                    for index, request in share]
 
         start = time.perf_counter()
-        shares = [requests[i::concurrency] for i in range(concurrency)]
+        numbered = list(enumerate(requests))
+        shares = [numbered[i::concurrency] for i in range(concurrency)]
         per_client = await asyncio.gather(*(one_client(share) for share in shares))
         wall_s = time.perf_counter() - start
     return WaveResult(concurrency, wall_s, [stream for streams in per_client for stream in streams])

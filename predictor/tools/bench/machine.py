@@ -51,3 +51,22 @@ def describe(load_at_start: float | None = None) -> dict[str, str]:
 
 def _fmt_load(load: float | None) -> str:
     return "n/a" if load is None else f"{load:.2f}"
+
+
+def copy_bandwidth_bytes_per_s(device: str, size_bytes: int = 2**30, repeats: int = 10) -> float:
+    """Device memory bandwidth as a large copy sees it (bytes read + written per second): the roofline's rate."""
+    import time
+
+    import torch
+
+    source = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size_bytes * repeats / (time.perf_counter() - start)

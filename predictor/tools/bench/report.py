@@ -11,6 +11,7 @@ COLUMNS = [
     "streams", "raw loop tok/s", "server tok/s", "server / raw loop", "server / one-at-a-time",
     "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "raw batch prefill ms", "server peak RSS MiB",
 ]
+COMPILED_COLUMNS = ["compiled loop tok/s", "server / compiled loop"]  # only where the CUDA-graph loop ran
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -33,13 +34,34 @@ def table_row(point: SweepPoint, run: BenchRun) -> list[str]:
         fmt(percentile_ms(itls, 99)),
         fmt(raw.prefill_s * 1000 if raw else None),
         fmt(rss / 2**20 if rss else None, 0),
+        *([fmt(point.compiled.tokens_per_s if point.compiled else None), fmt(point.server_over_compiled, 2)]
+          if run.has_compiled else []),
     ]
 
 
 def markdown_table(run: BenchRun) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    columns = COLUMNS + (COMPILED_COLUMNS if run.has_compiled else [])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(table_row(p, run)) + " |" for p in run.points]
     return "\n".join(lines)
+
+
+def limits(run: BenchRun) -> list[str]:
+    lines = []
+    if run.roofline_tokens_per_s:
+        one = run.point(1)
+        server = one.wave.tokens_per_s if one and one.wave else None
+        share = f" (the server's 1 stream: {fmt(server / run.roofline_tokens_per_s * 100, 0)}%)" if server else ""
+        lines.append(f"- memory roofline at 1 stream: {run.roofline_tokens_per_s:.1f} tok/s from a measured copy "
+                     f"bandwidth of {run.copy_bandwidth_bytes_per_s / 1e9:.0f} GB/s over the weights and KV"
+                     f"{share}")
+    if run.sampled:
+        largest = max(run.points, key=lambda p: p.concurrency)
+        greedy = largest.wave.tokens_per_s if largest.wave else None
+        share = f" = {run.sampled.tokens_per_s / greedy:.2f} of greedy" if greedy else ""
+        lines.append(f"- {run.sampled.concurrency} streams sampling (temperature 0.8, top_p 0.9, a seed each): "
+                     f"{run.sampled.tokens_per_s:.1f} tok/s{share}")
+    return lines
 
 
 def markdown(run: BenchRun) -> str:
@@ -57,13 +79,16 @@ def markdown(run: BenchRun) -> str:
         + (f"{baseline.tokens_per_s:.1f} tok/s over {baseline.requests} requests" if baseline else "not measured"),
         f"- raw prefill of one prompt: {fmt(run.single_prefill_s * 1000 if run.single_prefill_s else None)} ms; "
         f"TTFT target (1.25x + 10 ms): {fmt(run.ttft_target_ms)} ms; server TTFT p50 at 1 stream: {fmt(ttft_one)} ms",
+        *limits(run),
         *(f"- note: {note}" for note in run.notes),
         "",
         markdown_table(run),
         "",
         "tok/s counts generated tokens: the raw loop's over its decode loop alone (prefill excluded), the server's "
-        "over the whole wave (first request sent to last token received). TTFT is to the first chunk with text; "
-        "ITL the gaps between later chunks. Peak RSS is the server's VmHWM so far.",
+        "over the whole wave (first request sent to last token received). The raw loop is the model's forward "
+        "with a static cache, eager; the compiled loop the same under torch.compile(mode='reduce-overhead') (CUDA "
+        "graphs). TTFT is to the first chunk with text; ITL the gaps between later chunks. Peak RSS is the "
+        "server's VmHWM so far.",
         "",
     ]
     return "\n".join(lines)
@@ -79,6 +104,10 @@ def plot(run: BenchRun, path: Path) -> None:
     fig, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
     _line(throughput, streams, [p.wave.tokens_per_s if p.wave else None for p in run.points], "server", "o-")
     _line(throughput, streams, [p.raw.tokens_per_s if p.raw else None for p in run.points], "raw decode loop", "s--")
+    _line(throughput, streams, [p.compiled.tokens_per_s if p.compiled else None for p in run.points],
+          "compiled (CUDA-graph) loop", "d-.")
+    if run.roofline_tokens_per_s:
+        throughput.plot([1], [run.roofline_tokens_per_s], "k*", markersize=10, label="memory roofline, 1 stream")
     if run.baseline:
         throughput.axhline(run.baseline.tokens_per_s, color="gray", linestyle=":", label="one request at a time")
     throughput.set(title="generated tokens/s", xlabel="concurrent streams", ylabel="tok/s")
@@ -118,6 +147,8 @@ def as_json(run: BenchRun) -> dict:
             "raw_loop": raw and {"tokens_per_s": raw.tokens_per_s, "decoded_tokens": raw.decoded_tokens,
                                  "tokens_per_s_with_prefill": raw.tokens_per_s_with_prefill,
                                  "decode_s": raw.decode_s, "prefill_s": raw.prefill_s},
+            "compiled_loop": point.compiled and {"tokens_per_s": point.compiled.tokens_per_s,
+                                                 "decode_s": point.compiled.decode_s},
             "server": wave and {"tokens_per_s": wave.tokens_per_s, "generated_tokens": wave.generated_tokens,
                                 "wall_s": wave.wall_s, "ttft_s": wave.ttfts_s,
                                 "itl_p50_ms": percentile_ms(wave.itls_s, 50),
@@ -132,6 +163,9 @@ def as_json(run: BenchRun) -> dict:
         "one_at_a_time": baseline and {"tokens_per_s": baseline.tokens_per_s, "requests": baseline.requests,
                                        "generated_tokens": baseline.generated_tokens, "seconds": baseline.seconds},
         "single_prefill_s": run.single_prefill_s, "ttft_target_ms": run.ttft_target_ms, "notes": run.notes,
+        "roofline_tokens_per_s": run.roofline_tokens_per_s,
+        "copy_bandwidth_bytes_per_s": run.copy_bandwidth_bytes_per_s,
+        "sampled": run.sampled and {"streams": run.sampled.concurrency, "tokens_per_s": run.sampled.tokens_per_s},
         "points": points,
     }
 

@@ -20,13 +20,18 @@ def percentile_ms(seconds: list[float], q: float) -> float | None:
 @dataclass
 class SweepPoint:
     concurrency: int
-    raw: RawLoopResult | None = None
+    raw: RawLoopResult | None = None  # the eager loop
+    compiled: RawLoopResult | None = None  # the CUDA-graph loop (CUDA only)
     wave: WaveResult | None = None
     server_peak_rss_bytes: int | None = None  # VmHWM after this wave; None for a remote server
 
     @property
     def server_over_raw(self) -> float | None:
         return self.wave.tokens_per_s / self.raw.tokens_per_s if self.wave and self.raw else None
+
+    @property
+    def server_over_compiled(self) -> float | None:
+        return self.wave.tokens_per_s / self.compiled.tokens_per_s if self.wave and self.compiled else None
 
     def server_over(self, baseline: BaselineResult | None) -> float | None:
         return self.wave.tokens_per_s / baseline.tokens_per_s if self.wave and baseline else None
@@ -41,7 +46,14 @@ class BenchRun:
     points: list[SweepPoint]
     baseline: BaselineResult | None = None
     single_prefill_s: float | None = None  # raw prefill of one prompt, median over the 1-stream wave's prompts
+    roofline_tokens_per_s: float | None = None  # one stream, if each step only streamed weights + KV from memory
+    copy_bandwidth_bytes_per_s: float | None = None
+    sampled: WaveResult | None = None  # the largest wave again, sampling (temperature 0.8, top_p 0.9, seeds)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_compiled(self) -> bool:
+        return any(p.compiled for p in self.points)
 
     def point(self, concurrency: int) -> SweepPoint | None:
         return next((p for p in self.points if p.concurrency == concurrency), None)
