@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+from predictor import logs
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format=LOG_FORMAT)
+    logs.configure()
     if argv[:1] == ["manifest"]:
         from predictor.tools.manifest import manifest_main
 
@@ -29,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"llm-predictor: {err}", file=sys.stderr)
         return 2
+    logs.configure(settings.log_format)
     if not settings.serves_demo and not (settings.model_dir / "config.json").is_file():
         print(f"llm-predictor: model_dir: {settings.model_dir} has no config.json", file=sys.stderr)
         return 2

@@ -16,7 +16,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from predictor.engine.sampling_params import RepetitionPenalty, Temperature, TopK, TopP
+
 DEFAULT_MODEL_DIR = Path("/mnt/models")
+GENERATION_DEFAULTS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 CPU_KV_CACHE_BYTES = 2 * 2**30
 BUILTIN_CHAT_TEMPLATES = ("llama-2", "mistral", "falcon", "vicuna", "dolly", "chatml")
 
@@ -54,20 +57,30 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step.")
     chat_template: str | None = Field(None, description=f"One of {BUILTIN_CHAT_TEMPLATES} or a Jinja file.")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="Larger request bodies are refused with 413.")
-    api_key: SecretStr | None = Field(None, description="If set, inference routes require 'Bearer <key>'.")
+    api_key: SecretStr | None = Field(
+        None, description="If set, every route but the probes requires 'Bearer <key>'. Prefer the environment "
+        "(PREDICTOR_API_KEY) or api_key_file: a command line is readable by every local user."
+    )
+    api_key_file: Path | None = Field(None, description="A file holding the API key (a mounted Secret).")
     enable_shutdown: bool = Field(
         False, description="Serve POST /shutdown (drain, then every rank exits 0); off since anyone who can reach "
         "the port could stop the server."
     )
+    enable_model_repository: bool = Field(
+        False, description="Serve KServe's POST /v2/repository/models/{name}/load and /unload (behind api_key); "
+        "off since unloading takes the model away until a restart."
+    )
+    log_requests: bool = Field(False, description="Log probes and /metrics too (other requests: one line each).")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
     verify_weights: Literal["off", "size", "full"] = "size"
     trust_remote_code: bool = False
 
     # Default generation parameters, used where a request leaves them out.
     max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    repetition_penalty: RepetitionPenalty = 1.0
 
     @field_validator("chat_template")
     @classmethod
@@ -75,6 +88,25 @@ class Settings(BaseSettings):
         if template and template not in BUILTIN_CHAT_TEMPLATES and not Path(template).is_file():
             raise ValueError(f"neither a built-in ({', '.join(BUILTIN_CHAT_TEMPLATES)}) nor a readable Jinja file")
         return template
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _readable_key_file(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a readable file")
+        return path
+
+    @property
+    def resolved_api_key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            return self.api_key_file.read_text().strip() or None
+        return None
+
+    def generation_defaults(self) -> dict:
+        """What a request leaves out of its sampling parameters."""
+        return {name: getattr(self, name) for name in GENERATION_DEFAULTS}
 
     @property
     def serves_demo(self) -> bool:

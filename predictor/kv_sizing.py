@@ -63,7 +63,7 @@ def _cuda_budget(runner: ModelRunner, settings: Settings) -> int:
 
 def log_plan(plan: KVCachePlan, runner: ModelRunner, max_model_len: int) -> None:
     logger.info(
-        "KV cache (%s): %d blocks of %d tokens = %d tokens, %.2f GiB per rank; %.1f sequences of max_model_len %d",
+        "KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f MiB per rank; %.1f sequences of max_model_len %d",
         plan.source, plan.num_blocks - 1, plan.block_size, plan.tokens,
-        plan.num_blocks * runner.kv_bytes_per_block / 2**30, plan.tokens / max_model_len, max_model_len,
+        plan.num_blocks * runner.kv_bytes_per_block / 2**20, plan.tokens / max_model_len, max_model_len,
     )

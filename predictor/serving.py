@@ -14,16 +14,17 @@ import kserve
 import torch
 import torch.distributed as dist
 
-from predictor import http, loader, metrics
-from predictor.chat_templates import resolve_chat_template
+from predictor import loader, metrics
+from predictor.api import app
+from predictor.api.chat_templates import resolve_chat_template
+from predictor.api.kserve_model import KServeModel
+from predictor.api.service import GenerationService, ModelShape
 from predictor.config import Settings
 from predictor.engine import Engine
 from predictor.engine.core import EngineCore
 from predictor.engine.model_runner import ModelRunner
 from predictor.engine.tp import LeaderRunner, Rank, follow, init_process_groups
-from predictor.generation import TextGenerator
 from predictor.kv_sizing import KVCachePlan, log_plan, plan_kv_cache
-from predictor.model import LLMModel, build_defaults
 from predictor.tools.demo import ensure_demo_model
 from predictor.tools.manifest import ManifestError, verify_manifest
 
@@ -69,7 +70,7 @@ def load(settings: Settings, rank: Rank | None) -> Loaded:
     return Loaded(model_dir, config, runner, plan, max_model_len, control)
 
 
-def build_generator(settings: Settings, loaded: Loaded) -> TextGenerator:
+def build_service(settings: Settings, loaded: Loaded) -> GenerationService:
     tokenizer = loader.load_tokenizer(loaded.model_dir, settings.trust_remote_code)
     runner = LeaderRunner(loaded.runner, loaded.control) if loaded.control else loaded.runner
     core = EngineCore(runner, num_blocks=loaded.kv_cache.num_blocks, block_size=loaded.kv_cache.block_size,
@@ -86,29 +87,32 @@ def build_generator(settings: Settings, loaded: Loaded) -> TextGenerator:
     engine.start()
     metrics.watch(engine)
     template = resolve_chat_template(settings.chat_template, tokenizer)
-    return TextGenerator(engine, tokenizer, template, build_defaults(settings), loaded.max_model_len)
+    text_config = loaded.config.get_text_config()
+    shape = ModelShape(hidden_size=text_config.hidden_size, vocab_size=loaded.runner.vocab_size)
+    return GenerationService(engine, tokenizer, template, settings.generation_defaults(), loaded.max_model_len,
+                             shape)
 
 
 def serve(settings: Settings, rank: Rank | None) -> int:
     """Rank 0 (or the only process): HTTP at once, readiness 503 until the model has loaded."""
     loaded_holder: list[Loaded] = []
 
-    def build() -> TextGenerator:
+    def build() -> GenerationService:
         loaded_holder.append(load(settings, rank))
-        return build_generator(settings, loaded_holder[0])
+        return build_service(settings, loaded_holder[0])
 
-    model = LLMModel(settings.served_model_name, build)
+    model = KServeModel(settings.served_model_name, build)
     server = kserve.ModelServer(
         http_port=settings.http_port, grpc_port=settings.grpc_port, enable_grpc=settings.enable_grpc, workers=1
     )
-    api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    http.install(kserve.model_server.app, model, api_key, settings.max_request_bytes,
-                 enable_shutdown=settings.enable_shutdown)
+    app.install(kserve.model_server.app, model, api_key=settings.resolved_api_key,
+                max_request_bytes=settings.max_request_bytes, enable_shutdown=settings.enable_shutdown,
+                enable_model_repository=settings.enable_model_repository, log_requests=settings.log_requests)
     server.register_model(model)
     threading.Thread(target=_load_or_exit, args=(model,), name="load", daemon=True).start()
     server.start([])
-    if model.generator is not None:
-        model.generator.engine.stop()
+    if model.service is not None:
+        model.service.engine.stop()
         if loaded_holder and loaded_holder[0].control is not None:
             LeaderRunner(loaded_holder[0].runner, loaded_holder[0].control).stop()
     return 0
@@ -127,7 +131,7 @@ def run_follower(settings: Settings, rank: Rank) -> int:
     return 0
 
 
-def _load_or_exit(model: LLMModel) -> None:
+def _load_or_exit(model: KServeModel) -> None:
     try:
         model.load()
         logger.info("model %s is ready", model.name)

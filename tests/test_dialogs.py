@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from transformers import AddedToken, AutoTokenizer
 
-from predictor.chat_templates import BUILTIN, CONTROL_STRINGS
-from predictor.dialogs import (
+from predictor.api.chat_templates import BUILTIN, CONTROL_STRINGS
+from predictor.api.dialogs import (
     DialogError,
     SpecialTagsNotAllowed,
     check_dialog,
@@ -14,8 +16,8 @@ from predictor.dialogs import (
     control_strings,
     template_markers,
 )
+from predictor.api.service import GenerationService
 from predictor.engine import InvalidRequest
-from predictor.generation import TextGenerator
 
 # Meta's own llama-2-chat template, as Hugging Face ships it: not one of our built-ins, same markers.
 HF_LLAMA_2_TEMPLATE = (
@@ -88,12 +90,13 @@ def test_each_tag_in_any_message_is_refused(tokenizer, tag):
 
 
 def test_encode_chat_applies_the_rules(tokenizer):
-    generator = TextGenerator(engine=None, tokenizer=tokenizer, chat_template=BUILTIN["llama-2"],
-                              defaults={}, max_model_len=512)
-    assert generator.encode_chat(dialog("system", "user"))[0] == tokenizer.bos_token_id
+    service = GenerationService(engine=None, tokenizer=tokenizer, chat_template=BUILTIN["llama-2"],
+                                defaults={}, max_model_len=512)
+    encode = lambda messages: asyncio.run(service.encode_chat(messages))  # noqa: E731
+    assert encode(dialog("system", "user"))[0] == tokenizer.bos_token_id
     with pytest.raises(SpecialTagsNotAllowed):
-        generator.encode_chat([{"role": "user", "content": "Unsafe [/INST] prompt using [INST] special tags"}])
+        encode([{"role": "user", "content": "Unsafe [/INST] prompt using [INST] special tags"}])
     with pytest.raises(DialogError, match="expected 'user'"):
-        generator.encode_chat(dialog("assistant"))
+        encode(dialog("assistant"))
     with pytest.raises(InvalidRequest, match="messages: must be a list"):
-        generator.encode_chat({"role": "user", "content": "hi"})
+        encode({"role": "user", "content": "hi"})

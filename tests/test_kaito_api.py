@@ -18,8 +18,9 @@ from conftest import greedy_reference
 from servers import REPO, launch, start, wait_ready
 from test_tensor_parallel import ranks_of
 
-from predictor.dialogs import SPECIAL_TAGS_ERROR
-from predictor.kaito_api import _health_problem
+from predictor.api.dialogs import SPECIAL_TAGS_ERROR
+from predictor.api.health import readiness_problem
+from predictor.api.service import ServedModel
 from predictor.tools.demo import ensure_demo_model
 
 API_KEY = "kaito-test-key"
@@ -584,8 +585,8 @@ def test_kaito_routes_and_shutdown_on_two_tensor_parallel_ranks(tiny_llama, refe
         server.stop()
 
 
-def test_healthz_names_a_failed_engine():
-    engine = SimpleNamespace(alive=False, error=RuntimeError("rank 1 is gone"))
-    model = SimpleNamespace(ready=True, generator=SimpleNamespace(engine=engine))
-    assert asyncio.run(_health_problem(model, shutting_down=False)) == "engine failed: rank 1 is gone"
-    assert asyncio.run(_health_problem(SimpleNamespace(ready=False, generator=None), False)) == "model is loading"
+def test_healthz_names_a_failed_engine_without_its_internals():
+    engine = SimpleNamespace(alive=False, error=RuntimeError("rank 1 is gone"), draining=False)
+    failed = ServedModel("demo", lambda: SimpleNamespace(engine=engine))
+    assert readiness_problem(failed) == "engine failed (see the server log)"
+    assert readiness_problem(ServedModel("demo", lambda: None)) == "model is loading"

@@ -223,8 +223,9 @@ def test_openai_client_raises_its_own_errors(server, client):
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model=server.model_name, prompt="x", temperature=5)
     assert raised.value.body["param"] == "temperature"
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.NotFoundError) as missing:  # OpenAI's answer for a model it does not have
         client.completions.create(model="not-served", prompt="x")
+    assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
 
 
 def test_disconnect_mid_stream_frees_the_slot(server):

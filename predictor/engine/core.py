@@ -120,7 +120,9 @@ class EngineCore:
         outputs = []
         for seq, token, logprob in zip(seqs, sampled.tokens, sampled.logprobs, strict=True):
             if token == FAILED:
-                outputs.append(SequenceOutput(seq, None, None, "error", seq.error or NAN_LOGITS))
+                seq.error = seq.error or NAN_LOGITS
+                logger.warning("request %d failed: %s", seq.id, seq.error)
+                outputs.append(SequenceOutput(seq, None, None, "error", seq.error))
                 self._finish(seq)
                 continue
             seq.output_token_ids.append(token)

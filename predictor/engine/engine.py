@@ -82,6 +82,10 @@ class Engine:
             "kv_cache_usage": self.core.kv_cache_usage,
         }
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def begin_drain(self) -> None:
         """Refuse new work (503); what is queued or running goes on to the end."""
         self._draining = True
@@ -96,7 +100,7 @@ class Engine:
 
     def _check_admitting(self) -> None:
         if not self.alive:
-            raise EngineUnavailable(f"engine is not running: {self.error or 'stopped'}")
+            raise EngineUnavailable("the engine has " + ("failed (see the server log)" if self.error else "stopped"))
         if self._draining:
             raise EngineUnavailable("server is shutting down")
 

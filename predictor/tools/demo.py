@@ -14,7 +14,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from predictor.chat_templates import BUILTIN
+from predictor.api.chat_templates import BUILTIN
 
 logger = logging.getLogger(__name__)
 

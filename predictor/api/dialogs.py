@@ -1,6 +1,6 @@
 """Chat dialog rules: the order of roles, and no message text that could forge a turn of the chat template.
 
-Every chat route (Kaito /chat, OpenAI chat, KServe V1 messages) goes through TextGenerator.encode_chat, which
+Every chat route (Kaito /chat, OpenAI chat, KServe V1 messages) goes through GenerationService.encode_chat, which
 applies these rules, so they hold the same everywhere.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from predictor.chat_templates import BUILTIN, CONTROL_STRINGS
+from predictor.api.chat_templates import BUILTIN, CONTROL_STRINGS
 from predictor.engine import InvalidRequest
 
 # The answer Meta's llama chat_completion (served by Kaito's llama-2-chat) gives for such a dialog, word for word.

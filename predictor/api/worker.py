@@ -1,4 +1,4 @@
-"""FastChat's model-worker routes, as LLM Ops serves them: a thin adapter over TextGenerator.
+"""FastChat's model-worker routes, as LLM Ops serves them: a thin adapter over GenerationService.
 
 /worker_generate answers one JSON object; /worker_generate_stream answers JSON objects each followed by a
 NUL byte, each carrying the text so far (cumulative, as FastChat's workers do), the last one its finish_reason.
@@ -7,18 +7,17 @@ NUL byte, each carrying the text so far (cumulative, as FastChat's workers do), 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from predictor.disconnect import until_disconnected
-from predictor.engine import Delta, EngineUnavailable, GenerationStream, InvalidRequest
-from predictor.generation import TextGenerator
+from predictor.api.service import GenerationService, ServedModel, usage
+from predictor.engine import Delta, GenerationStream, InvalidRequest
 
 # FastChat's ErrorCode.INTERNAL_ERROR and SERVER_ERROR_MSG, for a generation that fails after it started.
 INTERNAL_ERROR_CODE = 50001
@@ -103,43 +102,39 @@ class CountTokenRequest(BaseModel):
     prompt: str
 
 
-def worker_router(model_name: str, generator: Callable[[], TextGenerator | None]) -> APIRouter:
+def worker_router(served: ServedModel) -> APIRouter:
     router = APIRouter(tags=["FastChat worker"])
+    ready = served.ready
 
-    def ready() -> TextGenerator:
-        text_generator = generator()
-        if text_generator is None:
-            raise EngineUnavailable(f"model {model_name} is still loading")
-        return text_generator
-
-    def start(body: WorkerGenerateRequest) -> tuple[GenerationStream, str]:
+    async def start(body: WorkerGenerateRequest) -> tuple[GenerationStream, str]:
         """Check the request, start its generation: the stream and the text echo puts before the output."""
-        text_generator = ready()
-        _refuse_unserved(body, model_name)
-        prompt_ids, prompt_text = _encode(text_generator, body)
-        params = text_generator.sampling_params(body.sampling(), len(prompt_ids))
-        return text_generator.start(prompt_ids, params), prompt_text if body.echo else ""
+        service = ready()
+        served.check(body.model)
+        _refuse_unserved(body)
+        prompt_ids, prompt_text = await _encode(service, body)
+        params = service.sampling_params(body.sampling(), len(prompt_ids))
+        return service.start(prompt_ids, params), prompt_text if body.echo else ""
 
     @router.post("/worker_generate", response_model=WorkerOutput)
-    async def worker_generate(body: WorkerGenerateRequest, request: Request) -> WorkerOutput:
-        stream, prefix = start(body)
-        return await until_disconnected(request, _last(_outputs(stream, prefix)))
+    async def worker_generate(body: WorkerGenerateRequest) -> WorkerOutput:
+        stream, prefix = await start(body)
+        return await _last(_outputs(stream, prefix))
 
     @router.post("/worker_generate_stream", response_class=StreamingResponse,
                  responses={200: {"description": "WorkerOutput JSON objects, each followed by a NUL byte"}})
     async def worker_generate_stream(body: WorkerGenerateRequest) -> StreamingResponse:
-        stream, prefix = start(body)
+        stream, prefix = await start(body)
         # Cancelling after the response is a no-op for a finished generation and ends one whose client left.
         return StreamingResponse(_nul_delimited(_outputs(stream, prefix)), background=BackgroundTask(stream.cancel))
 
     @router.post("/worker_get_status")
     async def worker_get_status() -> dict:
         stats = ready().engine.stats
-        return {"model_names": [model_name], "speed": 1, "queue_length": stats["running"] + stats["waiting"]}
+        return {"model_names": [served.name], "speed": 1, "queue_length": stats["running"] + stats["waiting"]}
 
     @router.post("/count_token")
     async def count_token(body: CountTokenRequest) -> dict:
-        return {"count": len(ready().encode_prompt(body.prompt)), "error_code": 0}
+        return {"count": len(await ready().encode_prompt(body.prompt)), "error_code": 0}
 
     @router.post("/model_details")
     async def model_details() -> dict:
@@ -148,9 +143,7 @@ def worker_router(model_name: str, generator: Callable[[], TextGenerator | None]
     return router
 
 
-def _refuse_unserved(body: WorkerGenerateRequest, model_name: str) -> None:
-    if body.model is not None and body.model != model_name:
-        raise InvalidRequest("model", f"unknown model {body.model!r}; this worker serves {model_name!r}")
+def _refuse_unserved(body: WorkerGenerateRequest) -> None:
     if body.n != 1:
         raise InvalidRequest("n", "only n=1 is served")
     if body.best_of not in (None, 1):
@@ -161,18 +154,18 @@ def _refuse_unserved(body: WorkerGenerateRequest, model_name: str) -> None:
         raise InvalidRequest("logprobs", "not served on the worker routes; use /openai/v1/completions")
 
 
-def _encode(text_generator: TextGenerator, body: WorkerGenerateRequest) -> tuple[list[int], str]:
+async def _encode(service: GenerationService, body: WorkerGenerateRequest) -> tuple[list[int], str]:
     """The prompt's token ids and its text as echo shows it."""
     if _mode(body) == "completion":
         text = f"{body.system_message}\n\n{body.prompt}" if body.system_message else body.prompt
-        return text_generator.encode_prompt(text), text
+        return await service.encode_prompt(text), text
     messages = [m.as_chat(i) for i, m in enumerate(body.messages)]
     if body.system_message:
         if messages and messages[0]["role"] == "system":
             raise InvalidRequest("system_message", "give the system message once: here or as the first message")
         messages.insert(0, {"role": "system", "content": body.system_message})
-    prompt_ids = text_generator.encode_chat(messages)
-    return prompt_ids, text_generator.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    prompt_ids = await service.encode_chat(messages)
+    return prompt_ids, service.tokenizer.decode(prompt_ids, skip_special_tokens=True)
 
 
 def _mode(body: WorkerGenerateRequest) -> str:
@@ -199,8 +192,8 @@ async def _outputs(stream: GenerationStream, prefix: str) -> AsyncIterator[Worke
                     text += event.text
                     yield WorkerOutput(text=text, usage=_usage(stream))
             elif event.finish_reason == "error":
-                yield WorkerOutput(text=f"{SERVER_ERROR_MSG}\n\n({event.error})", error_code=INTERNAL_ERROR_CODE,
-                                   usage=_usage(stream), finish_reason="error")
+                yield WorkerOutput(text=SERVER_ERROR_MSG, error_code=INTERNAL_ERROR_CODE, usage=_usage(stream),
+                                   finish_reason="error")
             else:
                 yield WorkerOutput(text=text, usage=_usage(stream), finish_reason=event.finish_reason)
     finally:
@@ -208,8 +201,7 @@ async def _outputs(stream: GenerationStream, prefix: str) -> AsyncIterator[Worke
 
 
 def _usage(stream: GenerationStream) -> WorkerUsage:
-    return WorkerUsage(prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens,
-                       total_tokens=stream.prompt_tokens + stream.completion_tokens)
+    return WorkerUsage(**usage(stream.prompt_tokens, stream.completion_tokens))
 
 
 async def _last(outputs: AsyncIterator[WorkerOutput]) -> WorkerOutput:

@@ -5,33 +5,30 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel
 
-from predictor.disconnect import until_disconnected
-from predictor.engine import Delta, EngineUnavailable, Finished, GenerationStream, InvalidRequest
-from predictor.generation import TextGenerator
-from predictor.openai_choices import ChatChoices, Choices, CompletionChoices
-from predictor.openai_protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, SamplingFields
+from predictor.api.openai.protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, SamplingFields
+from predictor.api.openai.responses import ChatResponses, CompletionResponses, ResponseBuilder
+from predictor.api.service import GenerationService, ServedModel
+from predictor.engine import Delta, Finished, GenerationStream, InvalidRequest
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def completions_router(model_name: str, generator: Callable[[], TextGenerator | None]) -> APIRouter:
+def completions_router(served: ServedModel) -> APIRouter:
     router = APIRouter()
+    model_name = served.name
 
-    def checked(body: SamplingFields) -> TextGenerator:
-        text_generator = generator()
-        if text_generator is None:
-            raise EngineUnavailable(f"model {model_name} is still loading")
-        if body.model != model_name:
-            raise InvalidRequest("model", f"unknown model {body.model!r}; this server serves {model_name!r}")
-        return text_generator
+    def checked(body: SamplingFields) -> GenerationService:
+        service = served.ready()
+        served.check(body.model)
+        return service
 
     @router.get("/openai/v1/models")  # not /v1/models: that is KServe's V1 model list
     async def list_models() -> dict:
@@ -41,56 +38,57 @@ def completions_router(model_name: str, generator: Callable[[], TextGenerator | 
     @router.post("/openai/v1/chat/completions", response_model=ChatCompletion,
                  responses={200: {"content": {"text/event-stream": {}}}})
     @router.post("/v1/chat/completions", response_model=ChatCompletion, include_in_schema=False)
-    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-        text_generator = checked(body)
-        prompt_ids = text_generator.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-        choices = ChatChoices(model_name, text_generator.tokenizer, body.n, body.include_usage)
-        return await _respond(request, body, text_generator, [prompt_ids], choices)
+    async def create_chat_completion(body: ChatCompletionRequest):
+        service = checked(body)
+        prompt_ids = await service.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        responses = ChatResponses(model_name, service.tokenizer, body.n, body.include_usage)
+        return await _respond(body, service, [prompt_ids], responses)
 
     @router.post("/openai/v1/completions", response_model=Completion,
                  responses={200: {"content": {"text/event-stream": {}}}})
     @router.post("/v1/completions", response_model=Completion, include_in_schema=False)
-    async def create_completion(body: CompletionRequest, request: Request):
-        text_generator = checked(body)
+    async def create_completion(body: CompletionRequest):
+        service = checked(body)
         prompts = body.prompts()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidRequest("prompt", "must not be empty")
         if len(prompts) > MAX_PROMPTS:
             raise InvalidRequest("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
-        prompt_ids = [_prompt_ids(text_generator, p) for p in prompts]
-        echoed = [text_generator.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids] \
+        prompt_ids = [await _prompt_ids(service, p, f"prompt.{i}" if len(prompts) > 1 else "prompt")
+                      for i, p in enumerate(prompts)]
+        echoed = [service.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids] \
             if body.echo else None
-        choices = CompletionChoices(model_name, text_generator.tokenizer, body.n, body.include_usage, echoed)
-        return await _respond(request, body, text_generator, prompt_ids, choices)
+        responses = CompletionResponses(model_name, service.tokenizer, body.n, body.include_usage, echoed)
+        return await _respond(body, service, prompt_ids, responses)
 
     return router
 
 
-def _prompt_ids(text_generator: TextGenerator, prompt: str | list[int]) -> list[int]:
+async def _prompt_ids(service: GenerationService, prompt: str | list[int], field: str) -> list[int]:
     if isinstance(prompt, str):
-        return text_generator.encode_prompt(prompt)
-    vocab = len(text_generator.tokenizer)
+        return await service.encode_prompt(prompt, field)
+    vocab = len(service.tokenizer)
     if any(not 0 <= t < vocab for t in prompt):
-        raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
+        raise InvalidRequest(field, f"token ids must be in [0, {vocab})")
     return list(prompt)
 
 
-async def _respond(request: Request, body: SamplingFields, text_generator: TextGenerator,
-                   prompt_ids: list[list[int]], choices: Choices):
-    params = [text_generator.sampling_params(body.sampling(j), len(ids)) for ids in prompt_ids for j in range(body.n)]
-    streams = _start_all(text_generator, [ids for ids in prompt_ids for _ in range(body.n)], params)
+async def _respond(body: SamplingFields, service: GenerationService,
+                   prompt_ids: list[list[int]], responses: ResponseBuilder):
+    params = [service.sampling_params(body.sampling(j), len(ids)) for ids in prompt_ids for j in range(body.n)]
+    streams = _start_all(service, [ids for ids in prompt_ids for _ in range(body.n)], params)
     events = _merged(streams)
     if body.stream:
-        return StreamingResponse(_sse(choices.chunks(events)), media_type="text/event-stream", headers=STREAM_HEADERS)
-    return await until_disconnected(request, choices.collect(events))
+        return StreamingResponse(_sse(responses.chunks(events)), media_type="text/event-stream", headers=STREAM_HEADERS)
+    return await responses.collect(events)
 
 
-def _start_all(text_generator: TextGenerator, prompt_ids: list[list[int]], params) -> list[GenerationStream]:
+def _start_all(service: GenerationService, prompt_ids: list[list[int]], params) -> list[GenerationStream]:
     """Submit every choice, or none: if one is refused (queue full), the ones already queued are cancelled."""
     streams: list[GenerationStream] = []
     try:
         for ids, choice_params in zip(prompt_ids, params, strict=True):
-            streams.append(text_generator.start(ids, choice_params))
+            streams.append(service.start(ids, choice_params))
     except BaseException:
         for stream in streams:
             stream.cancel()

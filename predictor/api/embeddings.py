@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
-from collections.abc import Callable
 from typing import Literal
 
 from fastapi import APIRouter
@@ -18,8 +17,8 @@ from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.create_embedding_response import Usage
 from pydantic import BaseModel, ConfigDict, Field
 
-from predictor.engine import EngineUnavailable, InvalidRequest
-from predictor.generation import TextGenerator
+from predictor.api.service import GenerationService, ServedModel
+from predictor.engine import InvalidRequest
 
 MAX_EMBEDDING_INPUTS = 256
 
@@ -44,29 +43,23 @@ class TextEmbeddingRequest(BaseModel):
     text: str
 
 
-def embeddings_router(model_name: str, generator: Callable[[], TextGenerator | None]) -> APIRouter:
+def embeddings_router(served: ServedModel) -> APIRouter:
     router = APIRouter()
-
-    def ready() -> TextGenerator:
-        text_generator = generator()
-        if text_generator is None:
-            raise EngineUnavailable(f"model {model_name} is still loading")
-        return text_generator
+    ready = served.ready
 
     @router.post("/openai/v1/embeddings", responses={200: {"model": CreateEmbeddingResponse}})
     @router.post("/v1/embeddings", responses={200: {"model": CreateEmbeddingResponse}}, include_in_schema=False)
     async def create_embeddings(body: EmbeddingRequest) -> JSONResponse:
-        text_generator = ready()
-        if body.model != model_name:
-            raise InvalidRequest("model", f"unknown model {body.model!r}; this server serves {model_name!r}")
-        config = _model_config(text_generator)
-        if body.dimensions is not None and body.dimensions != config.hidden_size:
-            raise InvalidRequest("dimensions", f"must be this model's hidden size ({config.hidden_size}) or left out")
-        inputs = _token_lists(text_generator, body.input, config.vocab_size)
-        vectors = await _embed_all(text_generator, inputs)
+        service = ready()
+        served.check(body.model)
+        shape = service.shape
+        if body.dimensions is not None and body.dimensions != shape.hidden_size:
+            raise InvalidRequest("dimensions", f"must be this model's hidden size ({shape.hidden_size}) or left out")
+        inputs = await _token_lists(service, body.input, shape.vocab_size)
+        vectors = await _embed_all(service, inputs)
         response = CreateEmbeddingResponse(
             object="list",
-            model=model_name,
+            model=served.name,
             data=[Embedding(object="embedding", index=i, embedding=v) for i, v in enumerate(vectors)],
             usage=Usage(prompt_tokens=sum(map(len, inputs)), total_tokens=sum(map(len, inputs))),
         )
@@ -78,41 +71,35 @@ def embeddings_router(model_name: str, generator: Callable[[], TextGenerator | N
 
     @router.post("/embeddings", response_model=list[float])
     async def text_embedding(body: TextEmbeddingRequest) -> list[float]:
-        text_generator = ready()
-        (vector,) = await _embed_all(text_generator, [_encode_text(text_generator, body.text, "text")])
+        service = ready()
+        (vector,) = await _embed_all(service, [await _encode_text(service, body.text, "text")])
         return vector
 
     return router
 
 
-def _model_config(text_generator: TextGenerator):
-    runner = text_generator.engine.runner
-    runner = getattr(runner, "runner", runner)  # tensor parallelism wraps rank 0's runner
-    return runner.model.config.get_text_config()
-
-
-def _token_lists(text_generator: TextGenerator, given, vocab_size: int) -> list[list[int]]:
+async def _token_lists(service: GenerationService, given, vocab_size: int) -> list[list[int]]:
     """The request's input as one token-id list per embedding, each checked."""
     if isinstance(given, str):
-        return [_encode_text(text_generator, given, "input")]
+        return [await _encode_text(service, given, "input")]
     if not given:
         raise InvalidRequest("input", "must not be empty")
     if len(given) > MAX_EMBEDDING_INPUTS:
         raise InvalidRequest("input", f"{len(given)} inputs exceed the limit of {MAX_EMBEDDING_INPUTS} per request")
     if isinstance(given[0], str):
-        return [_encode_text(text_generator, text, f"input[{i}]") for i, text in enumerate(given)]
+        return [await _encode_text(service, text, f"input[{i}]") for i, text in enumerate(given)]
     if isinstance(given[0], int):
         given = [given]
     for i, ids in enumerate(given):
-        _check_token_ids(ids, vocab_size, f"input[{i}]", text_generator.max_model_len)
+        _check_token_ids(ids, vocab_size, f"input[{i}]", service.max_model_len)
     return given
 
 
-def _encode_text(text_generator: TextGenerator, text: str, field: str) -> list[int]:
+async def _encode_text(service: GenerationService, text: str, field: str) -> list[int]:
     if not text:
         raise InvalidRequest(field, "must not be an empty string")
-    ids = text_generator.tokenizer(text).input_ids
-    _check_length(ids, field, text_generator.max_model_len)
+    ids = await service.encode_prompt(text, field)
+    _check_length(ids, field, service.max_model_len)
     return ids
 
 
@@ -131,8 +118,8 @@ def _check_length(ids: list[int], field: str, max_model_len: int) -> None:
         raise InvalidRequest(field, f"{len(ids)} tokens exceed max_model_len ({max_model_len})")
 
 
-async def _embed_all(text_generator: TextGenerator, inputs: list[list[int]]) -> list[list[float]]:
-    return list(await asyncio.gather(*(text_generator.engine.embed(ids) for ids in inputs)))
+async def _embed_all(service: GenerationService, inputs: list[list[int]]) -> list[list[float]]:
+    return list(await asyncio.gather(*(service.engine.embed(ids) for ids in inputs)))
 
 
 def _base64_floats(vector: list[float]) -> str:

@@ -20,17 +20,15 @@ from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogpr
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
 from openai.types.completion_choice import Logprobs
 
+from predictor.api.errors import INTERNAL_ERROR, error_body
+from predictor.api.service import GenerationFailed
 from predictor.engine import Delta, Finished, TokenLogprob
 from predictor.engine.detokenizer import TokenTexts
 
 Events = AsyncIterator[tuple[int, Delta | Finished]]
 
 
-class GenerationFailed(RuntimeError):
-    """The engine failed mid-generation: a server fault (500), not the client's."""
-
-
-class Choices:
+class ResponseBuilder:
     """What completions and chat share: collecting events per choice, token accounting, the stream's shape."""
 
     id_prefix = "cmpl"
@@ -70,8 +68,8 @@ class Choices:
                 continue
             try:
                 reason = self._finish(index, event)
-            except GenerationFailed as err:
-                yield {"error": {"message": str(err), "type": "server_error", "param": None, "code": 500}}
+            except GenerationFailed:
+                yield error_body(500, INTERNAL_ERROR)
                 return
             yield self.final_chunk(index, reason)
         if self.include_usage:
@@ -107,7 +105,7 @@ class Choices:
     def usage_chunk(self): ...
 
 
-class CompletionChoices(Choices):
+class CompletionResponses(ResponseBuilder):
     id_prefix = "cmpl"
 
     def __init__(self, model_name: str, tokenizer, n: int, include_usage: bool, echoed: list[str] | None):
@@ -165,7 +163,7 @@ class CompletionChoices(Choices):
         )
 
 
-class ChatChoices(Choices):
+class ChatResponses(ResponseBuilder):
     id_prefix = "chatcmpl"
 
     def response(self, texts, logprobs, reasons) -> ChatCompletion:

@@ -1,0 +1,67 @@
+"""Wiring our routes, error handlers and middleware onto KServe's FastAPI app (KServe adds its own V1/V2 routes
+after ours when the server starts, so ours answer first where both match)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from predictor.api.embeddings import embeddings_router
+from predictor.api.errors import KSERVE_PATHS, ModelNotFound, error_response, response_for
+from predictor.api.health import health_router
+from predictor.api.kaito.routes import kaito_router
+from predictor.api.kserve_model import KServeModel
+from predictor.api.middleware import AccessLog, BufferedBody, InternalErrors, RequireKey
+from predictor.api.openai.routes import completions_router
+from predictor.api.service import ServedModel
+from predictor.api.worker import worker_router
+from predictor.engine import EngineError
+
+
+def install(app: FastAPI, model: KServeModel, *, api_key: str | None, max_request_bytes: int,
+            enable_shutdown: bool = False, enable_model_repository: bool = False, log_requests: bool = False) -> None:
+    served = ServedModel(model.name, lambda: model.service if model.ready else None)
+    app.include_router(health_router(served, enable_shutdown=enable_shutdown,
+                                     enable_model_repository=enable_model_repository))
+    for router in (kaito_router, completions_router, embeddings_router, worker_router):
+        app.include_router(router(served))
+    app.add_exception_handler(EngineError, _refused)
+    app.add_exception_handler(ModelNotFound, _refused)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    # Each add_middleware wraps what was added before: the key is checked before a body is read.
+    app.add_middleware(BufferedBody, max_bytes=max_request_bytes)
+    if api_key:
+        app.add_middleware(RequireKey, api_key=api_key)
+    app.add_middleware(InternalErrors)
+    app.add_middleware(AccessLog, log_probes=log_requests)
+
+
+async def _refused(request: Request, err: EngineError | ModelNotFound) -> JSONResponse:
+    return response_for(request.url.path, err)
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    """A 400 in OpenAI's shape for a body that does not parse or breaks a bound, naming the field; KServe's own
+    routes keep FastAPI's 422."""
+    if KSERVE_PATHS.match(request.url.path):
+        return await request_validation_exception_handler(request, err)
+    first = err.errors()[0]
+    if first.get("type") == "json_invalid":
+        message = f"body: not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+        return error_response(request.url.path, 400, message, "body")
+    field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return error_response(request.url.path, 400, f"{field}: {first.get('msg', 'invalid')}", field)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (unreadable body, unknown route, wrong method) in OpenAI's shape on our routes."""
+    if KSERVE_PATHS.match(request.url.path):
+        return await http_exception_handler(request, err)
+    param = "body" if err.status_code == 400 else None
+    response = error_response(request.url.path, err.status_code, str(err.detail), param)
+    response.headers.update(getattr(err, "headers", None) or {})
+    return response

@@ -1,0 +1,209 @@
+"""ASGI middleware around every route (pure ASGI, so streamed responses pass through untouched):
+
+- BufferedBody reads the whole body first (413 past max_request_bytes, 400 for a string that is not valid
+  Unicode or a V2 model_version), then runs the route and cancels it the moment its client goes away: a
+  generation, streamed or not, on any route, stops and frees its KV cache.
+- InternalErrors turns an unexpected exception into one logged traceback and a 500 without internals.
+- AccessLog counts every request by route and status (499 when the client left first) and logs one line for
+  each, probes and /metrics only with --log_requests.
+- RequireKey, with --api_key, asks every route but the probes for the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+
+from predictor import metrics
+from predictor.api.errors import INTERNAL_ERROR, error_response
+
+logger = logging.getLogger("predictor.access")
+errors_logger = logging.getLogger("predictor.api")
+
+DISCONNECTED = "predictor.disconnected"  # set in the scope when the client left before the response ended
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for it
+ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+VERSIONED_V2 = re.compile(r"^/v2/models/[^/]+/versions/")
+PROBE_PATHS = (r"$|health$|healthz$|metrics$|version$|v2/health/|v2/?$|v1/models/[^/:]+$|"
+               r"v2/models/[^/]+(/ready)?$")
+PROBES = re.compile(rf"^/({PROBE_PATHS})")
+OPEN_PATHS = re.compile(rf"^/({PROBE_PATHS}|openapi\.json$)")  # what needs no API key
+
+
+class BufferedBody:
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body = await self._read(scope, receive, send)
+        if body is None:
+            return
+        refusal = _refusal(scope, body)
+        if refusal is not None:
+            message, param = refusal
+            return await error_response(scope["path"], 400, message, param)(scope, receive, send)
+        await self._run(scope, receive, send, body)
+
+    async def _read(self, scope, receive, send) -> bytes | None:
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                scope[DISCONNECTED] = True
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        message = f"request body exceeds max_request_bytes ({self.max_bytes} bytes)"
+        await error_response(scope["path"], 413, message, "body")(scope, receive, send)
+
+    async def _run(self, scope, receive, send, body: bytes) -> None:
+        gone = asyncio.Event()
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        route = asyncio.ensure_future(self.app(scope, replay, send))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({route, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not route.done():
+                scope[DISCONNECTED] = True
+                route.cancel()
+            try:
+                await route
+            except asyncio.CancelledError:
+                if not scope.get(DISCONNECTED):
+                    raise
+        finally:
+            watcher.cancel()
+
+
+def _refusal(scope, body: bytes) -> tuple[str, str] | None:
+    """(message, param) for what no route accepts; None if the request may go on."""
+    if VERSIONED_V2.match(scope["path"]) or b"model_version=" in scope.get("query_string", b""):
+        return "model_version: this server serves one model, unversioned; leave model_version out", "model_version"
+    if ESCAPED_SURROGATE.search(body):
+        try:
+            where = _lone_surrogate(json.loads(body), "")
+        except ValueError:
+            return None  # not JSON: the route says so
+        if where is not None:
+            field = where or "body"
+            return f"{field}: not valid Unicode (a lone UTF-16 surrogate); send text as UTF-8", field
+    return None
+
+
+def _lone_surrogate(value, path: str) -> str | None:
+    """The path of the first string (or key) holding a lone surrogate, e.g. 'messages.0.content'."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _lone_surrogate(key, inner) is not None:
+            return inner
+        found = _lone_surrogate(item, inner)
+        if found is not None:
+            return found
+    return None
+
+
+class InternalErrors:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:  # noqa: BLE001 - the one place unexpected errors become a 500
+            errors_logger.exception("%s %s failed", scope["method"], scope["path"])
+            if not started:
+                response = error_response(scope["path"], 500, INTERNAL_ERROR)
+                await response(scope, receive, send)
+
+
+class AccessLog:
+    def __init__(self, app, log_probes: bool = False):
+        self.app = app
+        self.log_probes = log_probes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), None
+
+        async def tracked(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        finally:
+            if scope.get(DISCONNECTED):  # before the response ended, even if its head (a stream's 200) was sent
+                status = CLIENT_CLOSED_REQUEST
+            elif status is None:
+                status = 500
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
+            if self.log_probes or not (scope["method"] == "GET" and PROBES.match(scope["path"])):
+                logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status,
+                            (time.perf_counter() - start) * 1000)
+
+
+class RequireKey:
+    """With --api_key, every route but the probes, /metrics and the OpenAPI document needs 'Bearer <key>'."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or OPEN_PATHS.match(scope["path"]):
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            response = error_response(scope["path"], 401, "missing or wrong API key")
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)

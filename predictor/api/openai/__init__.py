@@ -1,0 +1,1 @@
+"""OpenAI-compatible completions, chat completions, models: request bodies, routes, responses."""

@@ -1,0 +1,223 @@
+"""One request must never take the service down: disconnects on every route, hostile and careless input, sampling
+edge values, and what a 5xx may say. Each test ends by checking the server still serves."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from servers import start
+from test_capacity import metric, wait_for_metric
+
+LONG = 1900  # tokens: seconds of generation on the tiny model, so a finish within a second means a cancel
+
+
+@pytest.fixture(scope="module")
+def roomy(tiny_llama, tmp_path_factory):
+    running = start(tiny_llama, tmp_path_factory.mktemp("logs") / "server.log", "--max_num_seqs=4",
+                    "--max_model_len=2048", "--chat_template=llama-2")
+    yield running
+    running.stop()
+
+
+def alive(server) -> bool:
+    body = {"model": server.model_name, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    return httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=30).status_code == 200
+
+
+CHAT = [{"role": "user", "content": "Tell me a long story"}]
+LONG_REQUESTS = {
+    "v1 predict": ("POST", "/v1/models/tiny:predict",
+                   {"instances": [{"prompt": "Once", "parameters": {"max_new_tokens": LONG, "ignore_eos": True}}]}),
+    "v2 infer": ("POST", "/v2/models/tiny/infer",
+                 {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["Once"]}],
+                  "parameters": {"max_new_tokens": LONG, "ignore_eos": True}}),
+    "kaito generate": ("POST", "/generate", {"prompts": ["Once"], "parameters": {"max_gen_len": LONG}}),
+    "kaito llama chat": ("POST", "/chat",
+                         {"input_data": {"input_string": [CHAT]}, "parameters": {"max_gen_len": LONG}}),
+    "kaito falcon chat": ("POST", "/chat", {"prompt": "Once", "max_length": LONG, "do_sample": False}),
+    "worker generate": ("POST", "/worker_generate", {"prompt": "Once", "max_new_tokens": LONG}),
+    "worker stream": ("POST", "/worker_generate_stream", {"prompt": "Once", "max_new_tokens": LONG}),
+    "openai completion": ("POST", "/openai/v1/completions",
+                          {"model": "tiny", "prompt": "Once", "max_tokens": LONG, "ignore_eos": True}),
+    "openai completion stream": ("POST", "/openai/v1/completions",
+                                 {"model": "tiny", "prompt": "Once", "max_tokens": LONG, "ignore_eos": True,
+                                  "stream": True}),
+    "openai chat": ("POST", "/openai/v1/chat/completions",
+                    {"model": "tiny", "messages": CHAT, "max_tokens": LONG, "ignore_eos": True}),
+    "openai chat stream": ("POST", "/openai/v1/chat/completions",
+                           {"model": "tiny", "messages": CHAT, "max_tokens": LONG, "ignore_eos": True,
+                            "stream": True}),
+}
+
+
+@pytest.mark.parametrize("route", sorted(LONG_REQUESTS))
+def test_every_route_stops_generating_when_its_client_leaves(roomy, route):
+    method, path, body = LONG_REQUESTS[route]
+    gave_up = threading.Event()
+
+    def client():  # waits a second for an answer (or reads a streamed one for a second), then hangs up
+        patience = time.monotonic() + 1.0
+        try:
+            with httpx.stream(method, roomy.url + path, json=body, timeout=httpx.Timeout(30, read=1.0)) as reply:
+                for _ in reply.iter_raw():
+                    if time.monotonic() > patience:
+                        break
+        except httpx.TimeoutException:
+            pass
+        gave_up.set()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    wait_for_metric(roomy, "predictor_num_requests_running", 1)
+    assert gave_up.wait(30)
+    left_at = time.monotonic()
+    wait_for_metric(roomy, "predictor_num_requests_running", 0, timeout=10)
+    assert time.monotonic() - left_at < 2.0, "the generation went on after its client left"
+    assert metric(roomy, "predictor_kv_cache_usage_ratio") == 0
+    thread.join()
+    assert alive(roomy)
+
+
+def test_disconnects_are_counted_as_499(roomy):
+    text = httpx.get(f"{roomy.url}/metrics", timeout=10).text
+    assert 'status="499"' in text
+
+
+SURROGATE = "a\ud800b"
+SURROGATE_BODIES = {
+    "/openai/v1/completions": ({"model": "tiny", "prompt": SURROGATE}, "prompt"),
+    "/openai/v1/chat/completions": ({"model": "tiny", "messages": [{"role": "user", "content": SURROGATE}]},
+                                    "messages.0.content"),
+    "/openai/v1/embeddings": ({"model": "tiny", "input": SURROGATE}, "input"),
+    "/embeddings": ({"text": SURROGATE}, "text"),
+    "/worker_generate": ({"prompt": SURROGATE}, "prompt"),
+    "/count_token": ({"prompt": SURROGATE}, "prompt"),
+    "/v1/models/tiny:predict": ({"instances": [{"prompt": SURROGATE}]}, "instances.0.prompt"),
+    "/v2/models/tiny/infer": ({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                                           "data": [SURROGATE]}]}, "inputs.0.data.0"),
+    "/generate": ({"prompts": [SURROGATE]}, "prompts.0"),
+    "/chat": ({"prompt": SURROGATE}, "prompt"),
+}
+
+
+@pytest.mark.parametrize("path", sorted(SURROGATE_BODIES))
+def test_a_lone_surrogate_is_a_400_naming_the_field(roomy, path):
+    body, field = SURROGATE_BODIES[path]
+    response = httpx.post(roomy.url + path, content=json.dumps(body), timeout=30,  # escaped: \ud800
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert field in response.text
+    assert alive(roomy)
+
+
+@pytest.mark.parametrize("parameters", ["abc", [1, 2], [["max_new_tokens", 4]], 7])
+def test_v1_parameters_must_be_an_object(roomy, parameters):
+    body = {"instances": [{"prompt": "Hi", "parameters": parameters}]}
+    response = httpx.post(f"{roomy.url}/v1/models/tiny:predict", json=body, timeout=30)
+    assert response.status_code == 400 and "parameters" in response.json()["error"], response.text
+
+
+@pytest.mark.parametrize("path", ["/v2/models/tiny/infer?model_version=x", "/v2/models/tiny/versions/1/infer"])
+def test_v2_model_versions_are_refused_with_a_400(roomy, path):
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["Hi"]}]}
+    response = httpx.post(roomy.url + path, json=body, timeout=30)
+    assert response.status_code == 400 and "model_version" in response.text, response.text
+
+
+def test_the_model_repository_is_not_served(roomy):
+    for action in ("unload", "load"):
+        response = httpx.post(f"{roomy.url}/v2/repository/models/tiny/{action}", timeout=10)
+        assert response.status_code == 404, response.text
+    assert httpx.get(f"{roomy.url}/v1/models/tiny", timeout=10).status_code == 200 and alive(roomy)
+
+
+@pytest.mark.parametrize("parameters", [
+    {"top_p": 1e-300}, {"top_p": 5e-324}, {"temperature": 1e-300}, {"typical_p": 1e-300},
+    {"repetition_penalty": 1e-300}, {"repetition_penalty": 100, "temperature": 1e-45},
+])
+def test_sampling_edge_values_answer_and_the_server_stays_up(roomy, parameters):
+    body = {"instances": [{"prompt": "Hi Hi Hi", "parameters": {"max_new_tokens": 4, **parameters}}]}
+    response = httpx.post(f"{roomy.url}/v1/models/tiny:predict", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["usage"]["completion_tokens"] >= 1
+    assert alive(roomy)
+
+
+def test_probes_answer_within_100ms_while_two_3mib_prompts_arrive(roomy):
+    prompt = "word " * (3 * 2**20 // 5)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 4}
+    statuses = []
+
+    def big():
+        statuses.append(httpx.post(f"{roomy.url}/openai/v1/completions", json=body, timeout=60).status_code)
+
+    threads = [threading.Thread(target=big) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    slowest = 0.0
+    while any(t.is_alive() for t in threads):
+        began = time.perf_counter()
+        assert httpx.get(f"{roomy.url}/v1/models/tiny", timeout=5).status_code == 200
+        slowest = max(slowest, time.perf_counter() - began)
+    for thread in threads:
+        thread.join()
+    assert statuses == [400, 400]  # refused by length before tokenizing
+    assert slowest < 0.1, f"a readiness probe took {slowest * 1000:.0f} ms"
+
+
+def test_unknown_model_is_a_404_in_openai_shape(roomy):
+    for path, body in [("/openai/v1/completions", {"model": "gpt-4", "prompt": "x"}),
+                       ("/openai/v1/chat/completions", {"model": "gpt-4", "messages": CHAT}),
+                       ("/openai/v1/embeddings", {"model": "gpt-4", "input": "x"})]:
+        response = httpx.post(roomy.url + path, json=body, timeout=30)
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert error["code"] == "model_not_found" and error["param"] == "model" and "gpt-4" in error["message"]
+
+
+def test_liveness_readiness_and_version_for_every_client_family(roomy):
+    assert httpx.get(f"{roomy.url}/", timeout=10).json()["status"] == "alive"  # KServe V1 (and Kaito: 200)
+    assert httpx.get(f"{roomy.url}/health", timeout=10).status_code == 200  # vLLM
+    assert httpx.get(f"{roomy.url}/v2/health/ready", timeout=10).json() == {"ready": True}
+    assert httpx.get(f"{roomy.url}/v2/models/tiny/ready", timeout=10).json() == {"name": "tiny", "ready": True}
+    assert httpx.get(f"{roomy.url}/v1/models/other", timeout=10).status_code == 404
+    assert set(httpx.get(f"{roomy.url}/version", timeout=10).json()) >= {"version", "kserve"}
+
+
+def test_logs_hold_no_tracebacks_and_one_line_per_request(roomy):
+    """After every hostile request above (disconnects, bad bodies, surrogates, unknown models, probes)."""
+    log = roomy.output()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log
+    assert "Warning" not in log and "it/s]" not in log  # no warnings, no progress bars
+    lines = [line for line in log.splitlines() if " predictor.access: " in line]
+    assert any("POST /openai/v1/completions 400" in line for line in lines)
+    assert not any(" GET /v1/models/tiny " in line or "GET /metrics" in line for line in lines)  # probes
+
+
+def test_a_generation_failing_inside_the_engine_is_a_500_without_internals(tiny_llama, tmp_path):
+    """A model whose logits are NaN: every generation ends with finish_reason 'error', the server goes on."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_llama, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["lm_head.weight"] = torch.full_like(weights["lm_head.weight"], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    server = start(broken, tmp_path / "server.log", "--max_model_len=256", "--verify_weights=off")
+    try:
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3}
+        response = httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=30)
+        assert response.status_code == 500
+        assert response.json()["error"]["message"] == "internal server error; the server log has the details"
+        streamed = httpx.post(f"{server.url}/openai/v1/completions", json={**body, "stream": True}, timeout=30)
+        assert streamed.status_code == 200 and '"server_error"' in streamed.text and "NaN" not in streamed.text
+        assert httpx.get(f"{server.url}/healthz", timeout=10).json() == {"status": "Healthy"}
+    finally:
+        server.stop()
