@@ -193,15 +193,11 @@ def stage_context(model_dir: Path, model_name: str, context_dir: Path, wheels: t
 # --- the engines --------------------------------------------------------------------------------------
 
 
-def buildah_options(engine: str) -> list[str]:
+def buildah_options() -> list[str]:
     """podman and buildah: Docker's image format, the one that keeps SHELL (the OCI format drops it, and RUN
     falls back to /bin/sh); RUN steps in a chroot, which works in unprivileged CI pods and on hosts where the
-    OCI runtime cannot start containers (BUILDAH_ISOLATION, if set, chooses instead). buildah also caches
-    layers, as docker and podman do by default, so that new weights do not reinstall torch."""
-    options = ["--format=docker"]
-    if not os.environ.get("BUILDAH_ISOLATION"):
-        options.append("--isolation=chroot")
-    return options + (["--layers"] if engine == "buildah" else [])
+    OCI runtime cannot start containers (BUILDAH_ISOLATION, if set, chooses instead)."""
+    return ["--format=docker"] + ([] if os.environ.get("BUILDAH_ISOLATION") else ["--isolation=chroot"])
 
 
 def build_commands(engine: str, context: str, tag: str, build_args: dict[str, str], push: bool,
@@ -212,7 +208,7 @@ def build_commands(engine: str, context: str, tag: str, build_args: dict[str, st
         common += ["--platform", platform]
     if engine == "docker":
         return [["docker", "buildx", "build", *common, "--push" if push else "--load", context]]
-    commands = [[engine, "build", *buildah_options(engine), *common, context]]
+    commands = [[engine, "build", *buildah_options(), *common, context]]
     if push:
         commands.append([engine, "push", tag])
     return commands

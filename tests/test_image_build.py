@@ -231,8 +231,8 @@ def test_build_commands_per_engine(monkeypatch):
     assert podman[1] == ["podman", "push", "r.io/m:1"]
     monkeypatch.delenv("BUILDAH_ISOLATION", raising=False)
     assert build_image.build_commands("buildah", "ctx", "m:1", args, push=False) == [
-        ["buildah", "build", "--format=docker", "--isolation=chroot", "--layers", "--file", "ctx/Dockerfile",
-         "--tag", "m:1", "--build-arg=MODEL_NAME=tiny", "--build-arg=MANIFEST_DIGEST=sha256:00", "ctx"]]
+        ["buildah", "build", "--format=docker", "--isolation=chroot", "--file", "ctx/Dockerfile", "--tag", "m:1",
+         "--build-arg=MODEL_NAME=tiny", "--build-arg=MANIFEST_DIGEST=sha256:00", "ctx"]]
     monkeypatch.setenv("BUILDAH_ISOLATION", "oci")
     assert "--isolation=chroot" not in build_image.build_commands("podman", "ctx", "m:1", args, push=False)[0]
 
