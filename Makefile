@@ -61,13 +61,13 @@ base-image:
 image-tools:
 	@missing=""; \
 	command -v buildah >/dev/null || command -v podman >/dev/null || docker info >/dev/null 2>&1 \
-	  || missing="buildah"; \
+	  || missing=" buildah"; \
 	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing$$missing (apt-get) for the image test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	else echo "note: $$missing missing and no root apt-get to install it: the image test builds with what is here or skips"; fi
+	else echo "note:$$missing missing, and no root apt-get to install it: the image test uses what is here or skips"; fi
 
 # make scale NAME=<release> REPLICAS=N [NAMESPACE=ns]
 scale:

@@ -97,6 +97,7 @@ class Runner:
     engine: str  # buildah: a working container run in a chroot; docker or podman: their `run`
 
     def command(self, image: str, argv: list[str]) -> list[str]:
+        """The command that runs argv in a new container of image (for buildah, the container is made now)."""
         if self.engine == "buildah":
             container = f"image-test-{uuid.uuid4().hex[:8]}"
             subprocess.run(["buildah", "from", "--pull=never", "--name", container, image],
