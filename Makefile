@@ -6,7 +6,7 @@ TOOLS := .tools/bin
 HELM ?= $(shell command -v helm 2>/dev/null || echo $(CURDIR)/$(TOOLS)/helm)
 export HELM
 
-.PHONY: install run test bench lint tools image scale chart-docs clean
+.PHONY: install run test bench lint tools image base-image image-tools scale chart-docs clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m predictor $(ARGS)
 
-test: install tools
+test: install tools image-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Server vs raw decode loop vs one request at a time on the demo model; results under bench-results/.
@@ -50,9 +50,34 @@ $(VENV)/.chart-lint-installed: $(VENV)/.installed
 chart-docs: install
 	$(PY) build/chart_docs.py charts/llm-predictor
 
-# make image MODEL=<catalog name | model dir | demo> TAG=<registry/repo:tag> [MODEL_DIR=<weights of a catalog name>] [PUSH=1]
+# make image MODEL=<catalog name | model dir | demo> TAG=<registry/repo:tag> [MODEL_DIR=<weights of a catalog name>]
+#   [PUSH=1] [VARIANT=cpu|cuda] [BASE_IMAGE=<image>] [PYPI_INDEX_URL=<pip index>] [TORCH_INDEX_URL=<pip index>]
+#   [TORCH_WHEEL=<torch-*.whl>]
 image: install
-	$(PY) build/build_image.py --model "$(MODEL)" --tag "$(TAG)" $(if $(PUSH),--push,)
+	$(PY) build/build_image.py --model "$(MODEL)" --tag "$(TAG)" $(if $(PUSH),--push,) \
+	  $(if $(VARIANT),--variant "$(VARIANT)") $(if $(BASE_IMAGE),--base_image "$(BASE_IMAGE)") \
+	  $(if $(PYPI_INDEX_URL),--pypi_index_url "$(PYPI_INDEX_URL)") \
+	  $(if $(TORCH_INDEX_URL),--torch_index_url "$(TORCH_INDEX_URL)") $(if $(TORCH_WHEEL),--torch_wheel "$(TORCH_WHEEL)")
+
+# The Debian base for `make image BASE_IMAGE=localhost/debian-py:bookworm` where public base images are out of
+# reach: make base-image [BASE_TAG=<image>] [SUITE=bookworm] [DEBIAN_MIRROR=<mirror URL>]
+BASE_TAG ?= localhost/debian-py:bookworm
+base-image:
+	$(PYTHON) build/base_image.py --tag "$(BASE_TAG)" $(if $(SUITE),--suite "$(SUITE)") \
+	  $(if $(DEBIAN_MIRROR),--mirror "$(DEBIAN_MIRROR)")
+
+# What the image test needs: an engine (buildah, unless podman or docker is there) and mmdebstrap for the base.
+# Installed with apt-get when missing and this runs as root; otherwise the test says why it cannot run.
+image-tools:
+	@missing=""; \
+	command -v buildah >/dev/null || command -v podman >/dev/null || docker info >/dev/null 2>&1 \
+	  || missing=" buildah"; \
+	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing$$missing (apt-get) for the image test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "note:$$missing missing, and no root apt-get to install it: the image test uses what is here or skips"; fi
 
 # make scale NAME=<release> REPLICAS=N [NAMESPACE=ns]
 scale:

@@ -1,14 +1,17 @@
 """Build one image per model, with its weights baked in at /mnt/models.
 
     make image MODEL=<catalog name | model dir> TAG=<registry/repo:tag> [PUSH=1]
+               [BASE_IMAGE=<image>] [PYPI_INDEX_URL=<pip index>] [TORCH_INDEX_URL=<pip index>]
+               [TORCH_WHEEL=<torch-*.whl>]
 
 MODEL is a model directory, the name `demo` (the embedded CPU demo model), or a name from the catalog
 (predictor/tools/catalog.yaml) whose weights directory is given with --model_dir or MODEL_DIR (weights are never
 downloaded here).
-The script validates the weights, stages build/context/, writes model/model-manifest.json there, and builds
-with docker buildx, podman or buildah, whichever works first. Registry credentials come from the engine's
-own login, or REGISTRY_USERNAME / REGISTRY_PASSWORD for a login just before the push; they never reach the
-build. Exit codes: 0 built, 1 bad input or a failed build, 3 no container engine (the command is printed).
+The script validates the weights, stages build/context/, writes model/model-manifest.json there, builds
+with docker buildx, podman or buildah, whichever works first, and prints the image's size. Registry
+credentials come from the engine's own login, or REGISTRY_USERNAME / REGISTRY_PASSWORD for a login just
+before the push; they never reach the build. Exit codes: 0 built, 1 bad input or a failed build, 3 no
+container engine (the command is printed).
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+BUILD_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BUILD_DIR.parent
+sys.path[:0] = [str(REPO_ROOT), str(BUILD_DIR)]
 
-from predictor.tools.catalog import CatalogError, load_catalog  # noqa: E402 - after the sys.path insert
+from engines import EXIT_NO_ENGINE, image_size_bytes, pick_engine  # noqa: E402 - after the sys.path insert
+
+from predictor.tools.catalog import CatalogError, load_catalog  # noqa: E402
 from predictor.tools.manifest import (  # noqa: E402
     ManifestError,
     architecture_facts,
@@ -36,12 +43,13 @@ from predictor.tools.manifest import (  # noqa: E402
 )
 
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "predictor")
-CPU_BASE_IMAGE = "python:3.11-slim"
+CPU_BASE_IMAGE = "debian:bookworm-slim"  # Python 3.11 from apt, as in the base that build/base_image.py makes
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 CMD_PLACEHOLDER = '"--model_name=model"'
+WHEELS_DIR = "wheels"  # in the context: wheels the builder stage prefers to its indexes (a CPU torch)
+CA_BUNDLE = "ca/bundle.crt"  # in the context: the CA certificates the builder stage's pip trusts
 CATALOG_FACTS = ("architecture", "num_hidden_layers", "hidden_size", "num_attention_heads",
                  "num_key_value_heads", "vocab_size")
-EXIT_NO_ENGINE = 3
 
 
 class BuildError(Exception):
@@ -103,6 +111,19 @@ def model_revision(model_dir: Path, given: str | None) -> str:
     return "unknown"
 
 
+def host_pip_cert() -> Path | None:
+    """The CA bundle this machine's pip trusts, if it is told one: what lets pip through here lets the build's."""
+    if os.environ.get("PIP_CERT"):
+        return Path(os.environ["PIP_CERT"])
+    result = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                            check=False)
+    settings = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    for scope in ("site", "user", "global"):  # pip's precedence, highest first
+        if f"{scope}.cert" in settings:
+            return Path(settings[f"{scope}.cert"].strip("'\""))
+    return None
+
+
 def predictor_version() -> str:
     match = re.search(r'(?m)^version\s*=\s*"([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text())
     return match.group(1) if match else "unknown"
@@ -135,9 +156,24 @@ def render_dockerfile(text: str, model_name: str) -> str:
     return text.replace(CMD_PLACEHOLDER, f'"--model_name={model_name}"')
 
 
-def stage_context(model_dir: Path, model_name: str, context_dir: Path) -> Path:
+def check_torch_wheel(path: Path) -> Path:
+    if not path.is_file():
+        raise BuildError(f"{path}: no such file (--torch_wheel)")
+    if not (path.name.startswith("torch-") and path.suffix == ".whl"):
+        raise BuildError(f"{path}: not a torch wheel (--torch_wheel expects torch-<version>-<tags>.whl)")
+    return path
+
+
+def stage_context(model_dir: Path, model_name: str, context_dir: Path, wheels: tuple[Path, ...] = (),
+                  ca_bundle: Path | None = None) -> Path:
     """Fill context_dir with exactly what build/Dockerfile needs; the model goes to context_dir/model."""
     clear_context(context_dir)
+    for optional in (WHEELS_DIR, Path(CA_BUNDLE).parent):  # always there: the Dockerfile copies them, empty or not
+        (context_dir / optional).mkdir()
+    for wheel in wheels:
+        link_or_copy(wheel, context_dir / WHEELS_DIR / wheel.name)
+    if ca_bundle:
+        shutil.copyfile(ca_bundle, context_dir / CA_BUNDLE)
     build_dir = REPO_ROOT / "build"
     (context_dir / "Dockerfile").write_text(render_dockerfile((build_dir / "Dockerfile").read_text(), model_name))
     shutil.copyfile(build_dir / ".dockerignore", context_dir / ".dockerignore")
@@ -157,32 +193,11 @@ def stage_context(model_dir: Path, model_name: str, context_dir: Path) -> Path:
 # --- the engines --------------------------------------------------------------------------------------
 
 
-def answers(cmd: list[str]) -> bool:
-    try:
-        return subprocess.run(cmd, capture_output=True, timeout=30, check=False).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def pick_engine() -> tuple[str | None, list[str]]:
-    """The first working engine of docker buildx, podman, buildah; and why each one before it was passed."""
-    why_not = []
-    if not shutil.which("docker"):
-        why_not.append("docker: not installed")
-    elif not answers(["docker", "buildx", "version"]):
-        why_not.append("docker: no buildx plugin")
-    elif not answers(["docker", "info"]):
-        why_not.append("docker: no daemon answers")
-    else:
-        return "docker", why_not
-    for engine in ("podman", "buildah"):
-        if not shutil.which(engine):
-            why_not.append(f"{engine}: not installed")
-        elif not answers([engine, "info"]):
-            why_not.append(f"{engine}: `{engine} info` fails")
-        else:
-            return engine, why_not
-    return None, why_not
+def buildah_options() -> list[str]:
+    """podman and buildah: Docker's image format, the one that keeps SHELL (the OCI format drops it, and RUN
+    falls back to /bin/sh); RUN steps in a chroot, which works in unprivileged CI pods and on hosts where the
+    OCI runtime cannot start containers (BUILDAH_ISOLATION, if set, chooses instead)."""
+    return ["--format=docker"] + ([] if os.environ.get("BUILDAH_ISOLATION") else ["--isolation=chroot"])
 
 
 def build_commands(engine: str, context: str, tag: str, build_args: dict[str, str], push: bool,
@@ -193,7 +208,7 @@ def build_commands(engine: str, context: str, tag: str, build_args: dict[str, st
         common += ["--platform", platform]
     if engine == "docker":
         return [["docker", "buildx", "build", *common, "--push" if push else "--load", context]]
-    commands = [[engine, "build", *common, context]]
+    commands = [[engine, "build", *buildah_options(), *common, context]]
     if push:
         commands.append([engine, "push", tag])
     return commands
@@ -230,8 +245,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--revision", default=os.environ.get("MODEL_REVISION"),
                         help="weights revision for the image label (default: $MODEL_REVISION, a git HEAD)")
     parser.add_argument("--variant", choices=("cuda", "cpu"),
-                        help="CUDA runtime base, or python:3.11-slim with CPU torch (default: cpu for demo)")
-    parser.add_argument("--base_image", help="override the variant's base image")
+                        help="CUDA runtime base, or Debian with CPU torch (default: cpu for demo)")
+    parser.add_argument("--base_image", help="override the variant's base image (see build/base_image.py)")
+    parser.add_argument("--pypi_index_url", help="pip index to use instead of PyPI (a mirror; no credentials)")
+    parser.add_argument("--torch_index_url",
+                        help="extra pip index for torch (default: PyTorch's CPU index for the cpu variant)")
+    parser.add_argument("--torch_wheel", type=Path,
+                        help="a torch wheel file to install instead of torch from an index (e.g. a local CPU build)")
+    parser.add_argument("--ca_bundle", type=Path,
+                        help="CA certificates for the build's pip, where TLS to the index is intercepted or the "
+                             "index is an internal mirror (default: the cert your pip uses, if set); they do not "
+                             "enter the image")
     parser.add_argument("--platform", help="target platform, e.g. linux/amd64")
     parser.add_argument("--engine", choices=("docker", "podman", "buildah"), help="skip engine detection")
     parser.add_argument("--allow_pickle", action="store_true", help="accept pickled .bin weights")
@@ -246,7 +270,11 @@ def prepare(args: argparse.Namespace, context_dir: Path) -> dict[str, str]:
     validate_model_dir(model_dir, allow_pickle=args.allow_pickle)
     if entry is not None:
         check_against_catalog(model_dir, args.model, entry)
-    stage_context(model_dir, name, context_dir)
+    wheels = (check_torch_wheel(args.torch_wheel),) if args.torch_wheel else ()
+    ca_bundle = args.ca_bundle or host_pip_cert()
+    if ca_bundle and not ca_bundle.is_file():
+        raise BuildError(f"{ca_bundle}: no such file (--ca_bundle, $PIP_CERT or pip's `cert` setting)")
+    stage_context(model_dir, name, context_dir, wheels, ca_bundle)
     manifest = write_manifest(context_dir / "model", allow_pickle=args.allow_pickle, model_name=name)
     build_args = {
         "MODEL_NAME": name,
@@ -257,9 +285,14 @@ def prepare(args: argparse.Namespace, context_dir: Path) -> dict[str, str]:
     variant = args.variant or ("cpu" if args.model == "demo" else "cuda")
     if variant == "cpu":
         build_args["BASE_IMAGE"] = CPU_BASE_IMAGE
-        build_args["TORCH_INDEX_URL"] = CPU_TORCH_INDEX
+        if not wheels:
+            build_args["TORCH_INDEX_URL"] = CPU_TORCH_INDEX
     if args.base_image:
         build_args["BASE_IMAGE"] = args.base_image
+    if args.torch_index_url:
+        build_args["TORCH_INDEX_URL"] = args.torch_index_url
+    if args.pypi_index_url:
+        build_args["PYPI_INDEX_URL"] = args.pypi_index_url
     print(f"staged {display(context_dir)}: model {name} from {model_dir}, {len(manifest['files'])} files, "
           f"{manifest['total_bytes'] / 1e9:.2f} GB, manifest {build_args['MANIFEST_DIGEST']}")
     return build_args
@@ -284,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_NO_ENGINE
         if args.push:
             login_from_env(engine, args.tag)
+        started = time.monotonic()
         for command in build_commands(engine, context, args.tag, build_args, args.push, args.platform):
             print("+ " + shlex.join(command), flush=True)
             result = subprocess.run(command, cwd=REPO_ROOT, check=False)
@@ -292,8 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, ManifestError, CatalogError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"built {args.tag}" + (" and pushed it" if args.push else ""))
+    print(f"built {args.tag} with {engine} in {time.monotonic() - started:.0f} s"
+          + (" and pushed it" if args.push else "") + describe_size(image_size_bytes(engine, args.tag)))
     return 0
+
+
+def describe_size(size: int | None) -> str:
+    return "" if size is None else f": {size / 1e9:.2f} GB unpacked"
 
 
 if __name__ == "__main__":
