@@ -34,17 +34,11 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 lint: install
 	$(VENV)/bin/ruff check predictor tests build examples
 
-tools: $(TOOLS)/helm $(VENV)/.chart-lint-installed
+tools: $(TOOLS)/helm
 
 $(TOOLS)/helm: build/fetch_tools.py
 	@if command -v helm >/dev/null 2>&1; then mkdir -p $(TOOLS) && ln -sf "$$(command -v helm)" $@; \
 	else $(PYTHON) build/fetch_tools.py $(TOOLS); fi
-
-# What chart-testing's `ct lint` runs besides helm (ct itself is a Go binary that no reachable registry ships);
-# tests/test_chart_lint.py runs ct's checks with them.
-$(VENV)/.chart-lint-installed: $(VENV)/.installed
-	$(PY) -m pip install -q yamllint==1.38.0 yamale==6.0.0
-	touch $@
 
 # charts/llm-predictor/README.md from its README.md.gotmpl and the `# --` comments of values.yaml (helm-docs' format).
 chart-docs: install
