@@ -44,7 +44,8 @@ def generate(model, prompt: list[int], steps: int) -> list[int]:
 
 
 def serve_greedy(runner: ModelRunner, prompts, steps: int, num_blocks: int, max_prefill_tokens: int = 32):
-    runner.allocate_kv_cache(num_blocks)
+    if runner.cache is None or runner.cache.num_blocks != num_blocks:
+        runner.allocate_kv_cache(num_blocks)
     core = EngineCore(runner, num_blocks=num_blocks, block_size=BLOCK, max_num_seqs=4,
                       max_prefill_tokens=max_prefill_tokens, max_model_len=128)
     seqs = [Sequence(i, p, SamplingParams(temperature=0, max_new_tokens=steps), frozenset())

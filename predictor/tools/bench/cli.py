@@ -56,6 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shape", choices=sorted(SHAPES),
                         help="measure a random-weight Llama of this real shape, made in the run, instead of the "
                              "demo model")
+    parser.add_argument("--models_dir", type=Path, default=Path(".cache") / "bench-models",
+                        help="where --shape models are saved (once; 13.5 GB for llama-2-7b in bfloat16)")
     parser.add_argument("--sampled", action="store_true",
                         help="run the largest wave again sampling (temperature 0.8, top_p 0.9, a seed per request)")
     parser.add_argument("--quick", action="store_true",
@@ -222,7 +224,7 @@ def measure(args, run_dir: Path) -> BenchRun:
 
     load_at_start = machine.load_average()
     if args.shape:
-        args.model_dir = make_shape_model(args.shape, args.results_dir / "models", args.device, args.dtype)
+        args.model_dir = make_shape_model(args.shape, args.models_dir, args.device, args.dtype)
     local_model_dir = args.model_dir or (None if args.url else ensure_demo_model())
     notes = []
     if local_model_dir is None:
