@@ -50,6 +50,10 @@ class EngineCore:
         return self.scheduler.has_work
 
     @property
+    def num_preempted_waiting(self) -> int:
+        return sum(1 for seq in self.scheduler.waiting if seq.first_scheduled_at is not None)
+
+    @property
     def kv_cache_usage(self) -> float:
         return self.blocks.num_used / self.blocks.num_blocks
 

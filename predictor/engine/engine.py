@@ -51,6 +51,7 @@ class Engine:
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0  # submitted, not yet admitted to the batch (event-loop side)
+        self._preempted = 0  # waiting again after a preemption (engine-thread side, read by stats)
         self._embeds: set[asyncio.Future] = set()  # embedding jobs not yet answered (event-loop side)
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,11 +75,9 @@ class Engine:
 
     @property
     def stats(self) -> dict[str, float]:
-        scheduler = self.core.scheduler
-        preempted = sum(1 for seq in list(scheduler.waiting) if seq.first_scheduled_at is not None)
         return {
-            "running": len(scheduler.running),
-            "waiting": self._pending + preempted,
+            "running": len(self.core.scheduler.running),
+            "waiting": self._pending + self._preempted,
             "kv_cache_usage": self.core.kv_cache_usage,
         }
 
@@ -164,6 +163,7 @@ class Engine:
                 outputs, started = self.core.step()
                 if started:
                     self._call_loop(self._admitted, len(started))
+                self._preempted = self.core.num_preempted_waiting
                 self._emit([_event(o) for o in outputs])
         except BaseException as err:  # noqa: BLE001 - any failure ends every request and the engine
             logger.exception("engine failed")

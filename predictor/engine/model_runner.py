@@ -99,10 +99,7 @@ class ModelRunner:
             graph = self._graph_for(len(inputs.query_lens))
             if graph is not None:
                 return graph.replay(inputs)
-        packed = inputs.pack()
-        if self.device.type == "cuda":
-            packed = packed.pin_memory().to(self.device, non_blocking=True)
-        step = StepTensors.of(packed, inputs)
+        step = StepTensors.of(inputs.pack().to(self.device), inputs)  # one small copy per step
         if self.paged:
             return self._forward_paged(inputs, step)
         return self._forward_masked(inputs, step)
@@ -292,8 +289,7 @@ class DecodeGraph:
 
     def replay(self, inputs: ModelInputs) -> torch.Tensor:
         batch, width = len(inputs.query_lens), inputs.table_width
-        packed = inputs.pack().pin_memory().to(self.runner.device, non_blocking=True)
-        step = StepTensors.of(packed, inputs)
+        step = StepTensors.of(inputs.pack().to(self.runner.device), inputs)
         self.ids[:batch] = step.token_ids
         self.positions[:batch] = step.positions
         self.slots[:batch] = step.slot_mapping
