@@ -126,7 +126,7 @@ class ModelRunner:
     def _forward_masked(self, inputs: ModelInputs, step: StepTensors) -> torch.Tensor:
         prefills, starts = inputs.num_prefills, inputs.query_starts
         prefill_tokens = starts[prefills]
-        samples = torch.tensor(inputs.sample_indices, device=self.device)
+        samples = step.sample_indices
         logits = []
         if prefills:
             rows = slice(0, prefill_tokens)
