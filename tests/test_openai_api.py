@@ -52,6 +52,46 @@ def test_raw_sse_ends_with_done(server):
     assert all("usage" in json.loads(e[6:]) for e in events[:-1])
 
 
+def sse_chunks(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{server.url}{path}", json={"model": server.model_name, **body}, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[6:]) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("path, body, choices", [
+    ("/v1/completions", {"prompt": [PROMPT, "Hello"], "n": 2}, 4),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 2}, 2),
+])
+def test_continuous_usage_stats_put_usage_on_every_chunk_as_vllm_does(server, path, body, choices):
+    """vLLM's extension that guidellm always sends: each chunk's usage is its choice's prompt and tokens so far."""
+    chunks = sse_chunks(server, path, {**body, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True,
+                                       "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    *per_choice, last = chunks
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6 * choices
+    so_far: dict[int, int] = {}
+    for chunk in per_choice:
+        (choice,), usage = chunk["choices"], chunk["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert usage["completion_tokens"] >= so_far.get(choice["index"], 0)
+        so_far[choice["index"]] = usage["completion_tokens"]
+        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+            assert usage["completion_tokens"] >= 1
+    assert set(so_far.values()) == {6}
+    prompts = {chunk["choices"][0]["index"]: chunk["usage"]["prompt_tokens"] for chunk in per_choice}
+    assert sum(prompts[i] for i in range(0, len(prompts), 2)) == last["usage"]["prompt_tokens"]
+
+
+def test_continuous_usage_stats_alone_implies_include_usage_unless_it_is_false(server):
+    body = {"prompt": PROMPT, "max_tokens": 3, "stream": True}
+    alone = sse_chunks(server, "/v1/completions", {**body, "stream_options": {"continuous_usage_stats": True}})
+    assert all(c["usage"] for c in alone) and alone[-1]["choices"] == []
+    off = sse_chunks(server, "/v1/completions",
+                     {**body, "stream_options": {"continuous_usage_stats": True, "include_usage": False}})
+    assert all(c["usage"] is None for c in off) and off[-1]["choices"]
+
+
 def test_streamed_chat_with_the_async_client(server, reference):
     async def chat(stream: bool):
         async_client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
