@@ -230,6 +230,33 @@ BAD_CHATS = [
 ]
 
 
+REFUSED = {"logit_bias": {"1": 5}, "audio": {"voice": "alloy"}, "modalities": ["text"], "metadata": {"a": "b"},
+           "store": True, "service_tier": "auto", "reasoning_effort": "low", "web_search_options": {},
+           "guided_json": {"type": "object"}, "structured_outputs": {"json": {}}, "min_p": 0.1,
+           "use_beam_search": True, "chat_template": "x", "skip_special_tokens": False}
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED))
+def test_fields_the_readme_lists_as_refused_are_400_naming_them(server, field):
+    body = {"model": server.model_name, "messages": [{"role": "user", "content": "x"}], field: REFUSED[field]}
+    response = httpx.post(f"{server.url}/openai/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+
+
+def test_vllm_stop_token_ids_end_the_choice_at_that_token(server, client, reference):
+    model, tokenizer = reference
+    ids = tokenizer(PROMPT).input_ids
+    generated = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(ids):]
+    generated = generated.tolist()
+    at = next(k for k in range(1, 6) if generated[k] not in generated[:k])  # its first occurrence
+    stopped = client.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=6, temperature=0,
+                                        extra_body={"stop_token_ids": [generated[at]]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == at + 1
+    head = tokenizer.decode(ids, skip_special_tokens=True)
+    assert stopped.choices[0].text == tokenizer.decode(ids + generated[:at], skip_special_tokens=True)[len(head):]
+
+
 @pytest.mark.parametrize("body, field", BAD_CHATS)
 def test_bad_chat_requests_are_400_naming_the_field(server, body, field):
     response = httpx.post(f"{server.url}/openai/v1/chat/completions", json={"model": server.model_name, **body},
