@@ -22,6 +22,14 @@ from servers import predictor_env
 PROMPT = "The capital of France is"
 
 
+class Verdict(BaseModel):
+    ok: bool
+    color: Literal["red", "green", "blue"]
+
+
+VERDICT = Verdict.model_json_schema()
+
+
 def kserve_client(protocol: str) -> InferenceRESTClient:
     return InferenceRESTClient(RESTConfig(protocol=protocol, retries=0, timeout=60))
 
@@ -32,15 +40,19 @@ def test_kserve_client_v1_liveness_readiness_and_predict(server, reference):
             live = await client.is_server_live(server.url)
             ready = await client.is_model_ready(server.url, server.model_name)
             answer = await client.infer(server.url, {"instances": [
-                {"prompt": PROMPT, "parameters": {"max_new_tokens": 8, "temperature": 0}}]},
+                {"prompt": PROMPT, "parameters": {"max_new_tokens": 8, "temperature": 0}},
+                {"prompt": PROMPT, "parameters": {"max_new_tokens": 48, "temperature": 0,
+                                                  "structured_output": {"json_schema": VERDICT}}}]},
                 model_name=server.model_name)
             return live, ready, answer
 
     live, ready, answer = asyncio.run(drive())
     assert live is True and ready is True
-    (prediction,) = answer["predictions"]
-    assert prediction["generated_text"] == greedy_reference(reference, PROMPT, 8)
-    assert prediction["usage"]["completion_tokens"] == 8
+    free, constrained = answer["predictions"]
+    assert free["generated_text"] == greedy_reference(reference, PROMPT, 8)
+    assert free["usage"]["completion_tokens"] == 8
+    assert constrained["finish_reason"] == "stop"
+    Verdict.model_validate_json(constrained["generated_text"])
 
 
 def test_kserve_client_v2_liveness_readiness_and_infer(server, reference):
@@ -69,11 +81,6 @@ def test_kserve_client_sees_an_unknown_model_as_not_ready(server):
 
 
 # ---- LangChain --------------------------------------------------------------------------------------------------
-
-
-class Verdict(BaseModel):
-    ok: bool
-    color: Literal["red", "green", "blue"]
 
 
 @pytest.fixture(scope="module")
