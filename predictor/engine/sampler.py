@@ -97,6 +97,8 @@ class Sampler:
                                       neginf=float("-inf"))  # a copy: raw stays the model's, for logprobs
         if constrained:
             self._mask(scores).apply(scores, constrained)
+            dead_ends = torch.isneginf(scores).all(dim=-1)  # the grammar allows only what the model rules out
+            failed |= dead_ends
         if penalized:
             scores = self._penalize(scores, seqs)
         if early_stops:
@@ -110,10 +112,12 @@ class Sampler:
         if penalized:
             self._count(tokens, seqs)
         token_list = tokens.tolist()
-        for row, matcher in constrained:
-            if token_list[row] != FAILED and not matcher.accept(token_list[row]):  # every allowed score was -inf
-                seqs[row].error = GRAMMAR_DEAD_END
-                token_list[row] = FAILED
+        if constrained:
+            dead = dead_ends.tolist()
+            for row, matcher in constrained:
+                if dead[row] or (token_list[row] != FAILED and not matcher.accept(token_list[row])):
+                    seqs[row].error = GRAMMAR_DEAD_END
+                    token_list[row] = FAILED
         return SamplerOutput(token_list, self._logprobs(raw, seqs, token_list))
 
     def _mask(self, scores: torch.Tensor) -> BatchMask:
