@@ -97,8 +97,8 @@ class Sampler:
                                       neginf=float("-inf"))  # a copy: raw stays the model's, for logprobs
         if constrained:
             self._mask(scores).apply(scores, constrained)
-            dead_ends = torch.isneginf(scores).all(dim=-1)  # the grammar allows only what the model rules out
-            failed |= dead_ends
+            dead_ends = torch.isneginf(scores).all(dim=-1) & ~failed  # the grammar allows only what the model rules out
+            failed = failed | dead_ends
         if penalized:
             scores = self._penalize(scores, seqs)
         if early_stops:
