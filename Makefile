@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m predictor $(ARGS)
 
-test: install tools image-tools
+test: install tools image-tools $(VENV)/.guidellm-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+$(VENV)/.guidellm-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[guidellm]'
+	touch $@
 
 # Server vs raw decode loop vs one request at a time on the demo model; results under bench-results/.
 bench: $(VENV)/.bench-installed

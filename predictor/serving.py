@@ -23,6 +23,7 @@ from predictor.config import Settings
 from predictor.engine import Engine
 from predictor.engine.core import EngineCore
 from predictor.engine.model_runner import ModelRunner
+from predictor.engine.structured_output import Grammars
 from predictor.engine.tp import LeaderRunner, Rank, follow, init_process_groups
 from predictor.kv_sizing import KVCachePlan, log_plan, plan_kv_cache
 from predictor.tools.demo import ensure_demo_model
@@ -76,12 +77,14 @@ def build_service(settings: Settings, loaded: Loaded) -> GenerationService:
     core = EngineCore(runner, num_blocks=loaded.kv_cache.num_blocks, block_size=loaded.kv_cache.block_size,
                       max_num_seqs=settings.max_num_seqs, max_prefill_tokens=settings.max_prefill_tokens,
                       max_model_len=loaded.max_model_len)
+    eos_token_ids = loader.eos_token_ids(loaded.model_dir, tokenizer, loaded.config)
     engine = Engine(
         core,
         tokenizer,
         max_model_len=loaded.max_model_len,
         max_queue=settings.max_queue,
-        eos_token_ids=loader.eos_token_ids(loaded.model_dir, tokenizer, loaded.config),
+        eos_token_ids=eos_token_ids,
+        grammars=_grammars(tokenizer, loaded.runner.vocab_size, eos_token_ids),
         on_fatal=_exit_soon,
     )
     engine.start()
@@ -91,6 +94,17 @@ def build_service(settings: Settings, loaded: Loaded) -> GenerationService:
     shape = ModelShape(hidden_size=text_config.hidden_size, vocab_size=loaded.runner.vocab_size)
     return GenerationService(engine, tokenizer, template, settings.generation_defaults(), loaded.max_model_len,
                              shape)
+
+
+def _grammars(tokenizer, vocab_size: int, eos_token_ids: set[int]) -> Grammars | None:
+    """Structured output's grammar compiler over the tokenizer's vocabulary; None (structured output refused) if
+    xgrammar cannot read this tokenizer."""
+    try:
+        return Grammars.for_tokenizer(tokenizer, vocab_size, eos_token_ids)
+    except Exception as err:  # noqa: BLE001 - the model is still served, without structured output
+        logger.warning("structured output (response_format) is off: this tokenizer cannot be used by xgrammar: %s",
+                       err)
+        return None
 
 
 def serve(settings: Settings, rank: Rank | None) -> int:

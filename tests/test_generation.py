@@ -153,6 +153,8 @@ def test_chat_messages_use_the_chat_template(server, reference):
         ({"seed": -3}, "seed"),
         ({"no_such_parameter": 1}, "no_such_parameter"),
         ({"max_new_tokens": 100000}, "max_new_tokens"),
+        ({"structured_output": {"schema": {}}}, "structured_output.json_schema: Field required"),
+        ({"structured_output": {"json_schema": {"type": "objectx"}}}, "parameters.structured_output: unusable"),
     ],
 )
 def test_invalid_parameters_are_400_naming_the_field(server, parameters, field):

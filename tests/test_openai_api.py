@@ -52,6 +52,46 @@ def test_raw_sse_ends_with_done(server):
     assert all("usage" in json.loads(e[6:]) for e in events[:-1])
 
 
+def sse_chunks(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{server.url}{path}", json={"model": server.model_name, **body}, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[6:]) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("path, body, choices", [
+    ("/v1/completions", {"prompt": [PROMPT, "Hello"], "n": 2}, 4),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 2}, 2),
+])
+def test_continuous_usage_stats_put_usage_on_every_chunk_as_vllm_does(server, path, body, choices):
+    """vLLM's extension that guidellm always sends: each chunk's usage is its choice's prompt and tokens so far."""
+    chunks = sse_chunks(server, path, {**body, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True,
+                                       "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    *per_choice, last = chunks
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6 * choices
+    so_far: dict[int, int] = {}
+    for chunk in per_choice:
+        (choice,), usage = chunk["choices"], chunk["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert usage["completion_tokens"] >= so_far.get(choice["index"], 0)
+        so_far[choice["index"]] = usage["completion_tokens"]
+        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+            assert usage["completion_tokens"] >= 1
+    assert set(so_far.values()) == {6}
+    prompts = {chunk["choices"][0]["index"]: chunk["usage"]["prompt_tokens"] for chunk in per_choice}
+    assert sum(prompts[i] for i in range(0, len(prompts), 2)) == last["usage"]["prompt_tokens"]
+
+
+def test_continuous_usage_stats_alone_implies_include_usage_unless_it_is_false(server):
+    body = {"prompt": PROMPT, "max_tokens": 3, "stream": True}
+    alone = sse_chunks(server, "/v1/completions", {**body, "stream_options": {"continuous_usage_stats": True}})
+    assert all(c["usage"] for c in alone) and alone[-1]["choices"] == []
+    off = sse_chunks(server, "/v1/completions",
+                     {**body, "stream_options": {"continuous_usage_stats": True, "include_usage": False}})
+    assert all(c["usage"] is None for c in off) and off[-1]["choices"]
+
+
 def test_streamed_chat_with_the_async_client(server, reference):
     async def chat(stream: bool):
         async_client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
@@ -188,6 +228,33 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "max_completion_tokens": 5}, "max_tokens"),
 ]
+
+
+REFUSED = {"logit_bias": {"1": 5}, "audio": {"voice": "alloy"}, "modalities": ["text"], "metadata": {"a": "b"},
+           "store": True, "service_tier": "auto", "reasoning_effort": "low", "web_search_options": {},
+           "guided_json": {"type": "object"}, "structured_outputs": {"json": {}}, "min_p": 0.1,
+           "use_beam_search": True, "chat_template": "x", "skip_special_tokens": False}
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED))
+def test_fields_the_readme_lists_as_refused_are_400_naming_them(server, field):
+    body = {"model": server.model_name, "messages": [{"role": "user", "content": "x"}], field: REFUSED[field]}
+    response = httpx.post(f"{server.url}/openai/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+
+
+def test_vllm_stop_token_ids_end_the_choice_at_that_token(server, client, reference):
+    model, tokenizer = reference
+    ids = tokenizer(PROMPT).input_ids
+    generated = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(ids):]
+    generated = generated.tolist()
+    at = next(k for k in range(1, 6) if generated[k] not in generated[:k])  # its first occurrence
+    stopped = client.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=6, temperature=0,
+                                        extra_body={"stop_token_ids": [generated[at]]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == at + 1
+    head = tokenizer.decode(ids, skip_special_tokens=True)
+    assert stopped.choices[0].text == tokenizer.decode(ids + generated[:at], skip_special_tokens=True)[len(head):]
 
 
 @pytest.mark.parametrize("body, field", BAD_CHATS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -11,12 +12,14 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from conftest import greedy_reference, make_llama
 from servers import REPO, predictor_env, start
 from test_embeddings import assert_close, reference_embedding
 from test_generation import _post_all
+from test_structured_output import REPLY_FORMAT, REPLY_SCHEMA
 
 PROMPTS = ["Hello", "The capital of France is", "Once upon a time, in a land far away, there lived a"]
 
@@ -45,6 +48,14 @@ def ranks_of(launcher_pid: int) -> dict[int, int]:
     return ranks
 
 
+def assert_tp_structured_output_validates(server) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    response = client.chat.completions.create(
+        model=server.model_name, messages=[{"role": "user", "content": "Reply in JSON"}], max_tokens=64,
+        temperature=0, response_format=REPLY_FORMAT)
+    jsonschema.validate(json.loads(response.choices[0].message.content), REPLY_SCHEMA)
+
+
 def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_path):
     server = start(tiny_llama, tmp_path / "tp2.log", "--tensor_parallel_size=2", "--max_num_seqs=6",
                    "--max_model_len=256")
@@ -62,6 +73,7 @@ def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_p
                                                                    "max_new_tokens": 6, "echo": False}, timeout=60)
         assert worker.json()["text"] == greedy_reference(reference, PROMPTS[1], 6)
         assert_tp_streams_n_choices_with_logprobs(server, reference)
+        assert_tp_structured_output_validates(server)
         ranks = ranks_of(server.process.pid)
         assert sorted(ranks) == [0, 1]
 

@@ -61,7 +61,9 @@ class KServeModel(kserve.Model):
             prompt_ids = await self.service.encode_prompt(instance["prompt"], f"{where}.prompt")
         else:
             prompt_ids = await self.service.encode_chat(instance["messages"], f"{where}.messages")
-        return prompt_ids, self.service.sampling_params(instance.get("parameters"), len(prompt_ids))
+        params = self.service.sampling_params(instance.get("parameters"), len(prompt_ids))
+        await self.service.prepare(params, f"{where}.parameters.structured_output")
+        return prompt_ids, params
 
     async def _predict_v2(self, request: InferRequest) -> InferResponse:
         texts_input = next((i for i in request.inputs if i.name == "text_input"), None)

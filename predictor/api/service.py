@@ -119,6 +119,12 @@ class GenerationService:
         except ValidationError as err:
             raise InvalidRequest(first_field(err, field), err.errors()[0]["msg"]) from None
 
+    async def prepare(self, params: SamplingParams, field: str) -> None:
+        """Compile params' structured-output grammar off the event loop (a large schema takes a while), so that
+        start() finds it compiled; a schema that cannot be used is a 400 naming field."""
+        if params.structured_output is not None:
+            await asyncio.to_thread(self.engine.grammar, params, field)
+
     def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         return self.engine.submit(prompt_ids, params)
 

@@ -5,10 +5,10 @@ It knows nothing of HTTP. The front-ends use Engine.submit() / embed() and itera
 
 from predictor.engine.engine import Engine
 from predictor.engine.errors import EngineError, EngineOverloaded, EngineUnavailable, InvalidRequest
-from predictor.engine.sampling_params import SamplingParams, TokenLogprob
+from predictor.engine.sampling_params import SamplingParams, StructuredOutput, TokenLogprob
 from predictor.engine.stream import Delta, Finished, FinishReason, GenerationStream
 
 __all__ = [
     "Delta", "Engine", "EngineError", "EngineOverloaded", "EngineUnavailable", "Finished", "FinishReason",
-    "GenerationStream", "InvalidRequest", "SamplingParams", "TokenLogprob",
+    "GenerationStream", "InvalidRequest", "SamplingParams", "StructuredOutput", "TokenLogprob",
 ]

@@ -131,7 +131,7 @@ class EngineCore:
                 continue
             seq.output_token_ids.append(token)
             reason = None
-            if token in seq.stop_ids:
+            if token in seq.stop_ids or (seq.matcher is not None and seq.matcher.terminated):
                 reason = "stop"
             elif seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"

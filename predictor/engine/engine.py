@@ -22,6 +22,7 @@ from predictor.engine.errors import EngineOverloaded, EngineUnavailable, Invalid
 from predictor.engine.sampling_params import SamplingParams
 from predictor.engine.sequence import Sequence
 from predictor.engine.stream import Finished, GenerationStream
+from predictor.engine.structured_output import Grammar, Grammars
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Engine:
         max_model_len: int,
         max_queue: int,
         eos_token_ids: set[int],
+        grammars: Grammars | None = None,
         on_fatal: Callable[[BaseException], None] = lambda err: None,
         on_finished: Callable[[GenerationStream, Finished], None] = lambda stream, event: None,
     ):
@@ -46,6 +48,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.max_queue = max_queue
         self.eos_token_ids = eos_token_ids
+        self.grammars = grammars  # None: structured output is refused
         self.on_fatal = on_fatal
         self.on_finished = on_finished
         self.error: BaseException | None = None
@@ -115,13 +118,24 @@ class Engine:
             )
         if self._pending >= self.max_queue:
             raise EngineOverloaded(f"queue is full: {self._pending} requests waiting (max_queue={self.max_queue})")
+        grammar = self.grammar(params)
         self._loop = self._loop or asyncio.get_running_loop()
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         request_id = next(self._ids)
         stream = GenerationStream(request_id, params, self.tokenizer, prompt_ids, self.abort, self.on_finished)
         self._pending += 1
-        self._inbox.put(("add", Sequence(request_id, list(prompt_ids), params, stop_ids, stream)))
+        self._inbox.put(("add", Sequence(request_id, list(prompt_ids), params, stop_ids, stream, grammar=grammar)))
         return stream
+
+    def grammar(self, params: SamplingParams, field: str = "structured_output") -> Grammar | None:
+        """The compiled grammar params.structured_output asks for. Compiling a large schema takes a while: call
+        this off the event loop first (as asyncio.to_thread(engine.grammar, params, field)); submit() then finds
+        it in the compiler's cache."""
+        if params.structured_output is None:
+            return None
+        if self.grammars is None:
+            raise InvalidRequest(field, "structured output is not available for this model's tokenizer")
+        return self.grammars.compile(params.structured_output.json_schema, field)
 
     def embed(self, prompt_ids: list[int]) -> asyncio.Future[list[float]]:
         """The prompt's mean-pooled, L2-normalised last hidden state, computed between batch steps."""

@@ -1,13 +1,15 @@
 """The batched next-token sampler: every row's logits processing and its draw in one pass over [B, V] on the device.
 
 Each row carries its own parameters as a column of per-row tensors (TGI's HeterogeneousNextTokenChooser is the
-model): repetition / presence / frequency penalties, min_new_tokens' stop-token ban, temperature, top-k, top-p and
-typical-p, then one exponential race (argmax of p / Exp(1) noise, which draws from p) for all sampled rows.
-A processor runs only when some row of the batch asks for it.
+model): first the structured-output mask of the rows held to a grammar, then repetition / presence / frequency
+penalties, min_new_tokens' stop-token ban, temperature, top-k, top-p and typical-p, then one exponential race
+(argmax of p / Exp(1) noise, which draws from p) for all sampled rows. A processor runs only when some row of the
+batch asks for it.
 
 Sampling is total: work is in float32, temperature and penalties are clamped away from 0 and infinity, the most
 likely token always survives top-p and typical-p, and a row whose distribution still vanishes falls back to its
-argmax. A row whose model logits hold NaN comes back as FAILED, so that one request ends and the batch goes on.
+argmax. A row whose model logits hold NaN comes back as FAILED, so that one request ends and the batch goes on,
+as does a constrained row left with no token both its grammar and the model allow.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import torch
 
 from predictor.engine.sampling_params import TokenLogprob
 from predictor.engine.sequence import Sequence
+from predictor.engine.structured_output import BatchMask
 
 FAILED = -1  # the token of a row whose logits were not numbers
 MIN_TEMPERATURE = 1e-5  # below this a temperature is as good as greedy and would overflow
 PENALTY_RANGE = (1e-6, 1e6)  # repetition penalties beyond these only overflow float32
 MIN_NOISE = 1e-20  # an exponential draw of exactly 0 would make 0/0
+GRAMMAR_DEAD_END = "no token that the structured output's grammar allows is possible under the model"
 
 
 @dataclass
@@ -32,7 +36,8 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Draws the next token of each running sequence; holds the per-row token counts penalties read."""
+    """Draws the next token of each running sequence; holds the per-row state: the token counts penalties read,
+    and each constrained row's grammar matcher."""
 
     def __init__(self, vocab_size: int, max_rows: int, device: torch.device):
         self.vocab_size = vocab_size
@@ -41,6 +46,7 @@ class Sampler:
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._output_counts: torch.Tensor | None = None  # [rows, V] int32, allocated with the first penalty
         self._prompt_seen: torch.Tensor | None = None  # [rows, V] bool
+        self._grammar_mask: BatchMask | None = None  # allocated with the first constrained row
 
     # ---- row lifetime -----------------------------------------------------------------------------------------
 
@@ -59,11 +65,14 @@ class Sampler:
             if seq.output_token_ids:
                 output = torch.tensor(seq.output_token_ids, device=self.device)
                 counts[row].index_add_(0, output, torch.ones_like(output, dtype=counts.dtype))
+        if seq.grammar is not None:
+            seq.matcher = seq.grammar.matcher(seq.output_token_ids)
 
     def release(self, seq: Sequence) -> None:
         if seq.sampler_row is not None:
             self._free_rows.append(seq.sampler_row)
             seq.sampler_row = None
+        seq.matcher = None
 
     def _penalty_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._output_counts is None:  # most servers never see a penalty: allocate at the first one
@@ -78,13 +87,18 @@ class Sampler:
         """The next token of each row of logits [B, V]; row i belongs to seqs[i]."""
         params = [s.params for s in seqs]
         penalized = any(p.penalized for p in params)
+        constrained = [(row, s.matcher) for row, s in enumerate(seqs) if s.matcher is not None]
         raw = logits.float()
         failed = torch.isnan(raw).any(dim=-1)
         early_stops = self._early_stop_pairs(seqs)
         scores = raw
-        if penalized or early_stops or not all(p.greedy for p in params):
+        if penalized or early_stops or constrained or not all(p.greedy for p in params):
             scores = torch.nan_to_num(raw, nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
-                                      neginf=float("-inf"))
+                                      neginf=float("-inf"))  # a copy: raw stays the model's, for logprobs
+        if constrained:
+            self._mask(scores).apply(scores, constrained)
+            dead_ends = torch.isneginf(scores).all(dim=-1) & ~failed  # the grammar allows only what the model rules out
+            failed = failed | dead_ends
         if penalized:
             scores = self._penalize(scores, seqs)
         if early_stops:
@@ -98,7 +112,18 @@ class Sampler:
         if penalized:
             self._count(tokens, seqs)
         token_list = tokens.tolist()
+        if constrained:
+            dead = dead_ends.tolist()
+            for row, matcher in constrained:
+                if dead[row] or (token_list[row] != FAILED and not matcher.accept(token_list[row])):
+                    seqs[row].error = GRAMMAR_DEAD_END
+                    token_list[row] = FAILED
         return SamplerOutput(token_list, self._logprobs(raw, seqs, token_list))
+
+    def _mask(self, scores: torch.Tensor) -> BatchMask:
+        if self._grammar_mask is None:
+            self._grammar_mask = BatchMask(self.max_rows, scores.shape[-1])
+        return self._grammar_mask
 
     def _penalize(self, scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         counts, seen = self._penalty_state()
@@ -114,8 +139,10 @@ class Sampler:
         return scores - presence * occurred - frequency * row_counts
 
     def _early_stop_pairs(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
-        """(row, token) for the stop tokens (EOS, stop_token_ids) of rows still short of min_new_tokens."""
-        return [(row, token) for row, s in enumerate(seqs) if s.num_generated < s.params.min_new_tokens
+        """(row, token) for the stop tokens (EOS, stop_token_ids) of rows still short of min_new_tokens; a row held
+        to a grammar can only take EOS once its output is complete, and then nothing else."""
+        return [(row, token) for row, s in enumerate(seqs)
+                if s.num_generated < s.params.min_new_tokens and s.matcher is None
                 for token in s.stop_ids if token < self.vocab_size]
 
     def _ban_early_stops(self, scores: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:

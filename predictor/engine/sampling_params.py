@@ -24,6 +24,14 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
 
 
+class StructuredOutput(BaseModel):
+    """The output must be JSON that validates against json_schema; {"type": "object"} is any JSON object."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    json_schema: dict
+
+
 class SamplingParams(BaseModel):
     """Bounds are checked here so bad input is a 400 naming the field."""
 
@@ -43,6 +51,9 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     seed: Seed | None = None
+    structured_output: StructuredOutput | None = Field(
+        None, description="Held to a grammar: it ends when the JSON is complete, whatever min_new_tokens or "
+                          "ignore_eos say (only a complete JSON may take EOS).")
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -28,6 +28,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     sampler_row: int | None = None  # the sampler's per-row state (penalty counts) while running
     generator: Any = None  # a seeded request's own random generator, kept across preemptions
+    grammar: Any = None  # the structured_output.Grammar its output must follow, if any
+    matcher: Any = None  # the grammar's state while it holds a sampler row, rebuilt from the output on resuming
     first_scheduled_at: float | None = None  # monotonic time it was first admitted to the batch
     error: str | None = None  # why it failed, when it did
 

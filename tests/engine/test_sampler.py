@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import torch
+import xgrammar as xgr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from predictor.engine.sampler import FAILED, Sampler
+from predictor.engine.sampler import FAILED, GRAMMAR_DEAD_END, Sampler
 from predictor.engine.sampling_params import SamplingParams
 from predictor.engine.sequence import Sequence
+from predictor.engine.structured_output import Grammars
 
 VOCAB = 64
 EOS = 2
@@ -156,3 +158,35 @@ def test_every_accepted_parameter_value_yields_a_valid_token_beside_normal_rows(
         assert out.tokens[0] == int(logits[0].argmax())
     if params["logprobs"] is not None:
         assert out.logprobs[1] is not None and out.logprobs[1].token_id == out.tokens[1]
+
+
+JSON_VOCAB = ["{", "}", "</s>", '"', ": ", ", ", "[", "]", "true", "false", "null", *"abcdefghijklmnopqrstuvwxyz",
+              *"0123456789", *(f"x{i}" for i in range(17))]
+assert len(JSON_VOCAB) == VOCAB
+
+
+def allowed_tokens(grammar) -> set[int]:
+    bitmask = xgr.allocate_token_bitmask(1, VOCAB)
+    grammar.matcher([]).fill(bitmask, 0)
+    return {t for t in range(VOCAB) if (int(bitmask[0, t // 32]) >> (t % 32)) & 1}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(params=accepted_params, kind=model_logits)
+def test_a_grammar_row_draws_only_what_its_grammar_allows_beside_free_rows(params, kind):
+    grammar = Grammars(xgr.TokenizerInfo(JSON_VOCAB, stop_token_ids=[EOS]), [EOS]).compile({"type": "object"}, "f")
+    seqs = sequences({"temperature": 0}, params, {"temperature": 0.8, "top_p": 0.9, "seed": 3})
+    seqs[1].grammar = grammar
+    logits = logits_of(kind, 3)
+    out = sample(logits, seqs)
+    allowed = allowed_tokens(grammar)
+    if all(logits[1, t] == float("-inf") for t in allowed):
+        assert out.tokens[1] == FAILED and seqs[1].error == GRAMMAR_DEAD_END
+    else:
+        assert out.tokens[1] in allowed
+    if kind in ("normal", "huge", "flat"):
+        assert out.tokens[0] == int(logits[0].argmax())
+    if params["logprobs"] is not None and out.tokens[1] != FAILED:  # the model's own, before the mask
+        assert out.logprobs[1].token_id == out.tokens[1]
+        if kind == "normal":
+            assert abs(out.logprobs[1].logprob - float(torch.log_softmax(logits[1], -1)[out.tokens[1]])) < 1e-4

@@ -1,23 +1,67 @@
 """Request bodies of the OpenAI-compatible routes. Responses use the openai package's own types.
 
-Every field OpenAI defines is either honoured or refused: unknown fields (logit_bias, tools, suffix, ...) are
-rejected by extra="forbid", and the handler in http.py turns that into a 400 naming the field.
+Every field OpenAI defines is either honoured or refused: unknown fields (logit_bias, suffix, ...) are rejected by
+extra="forbid", tool calling by its own message, and predictor/api/app.py turns that into a 400 naming the field.
+The README's field table lists what is honoured, accepted and refused.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from predictor.engine.sampling_params import MAX_STOP_TOKEN_IDS
+from predictor.engine.structured_output import ANY_JSON_OBJECT
 
 MAX_CHOICES = 16
 MAX_PROMPTS = 256
+NO_TOOLS = "tool calling is not supported by this server: leave out tools, tool_choice, functions and function_call"
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = Field(False, strict=True)
+    include_usage: bool | None = Field(None, strict=True)
+    continuous_usage_stats: bool = Field(False, strict=True, description="vLLM's: usage on every chunk.")
+
+    @property
+    def usage_at_end(self) -> bool:
+        """As in vLLM, continuous_usage_stats implies include_usage unless that is false."""
+        return self.include_usage if self.include_usage is not None else self.continuous_usage_stats
+
+    @property
+    def usage_on_every_chunk(self) -> bool:
+        return self.continuous_usage_stats and self.usage_at_end
+
+
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description="None: any JSON object.")
+    strict: bool | None = Field(None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError("json_schema", "json_schema is given with, and only with, type json_schema")
+        return self
+
+    def json_schema_wanted(self) -> dict | None:
+        """The JSON schema the output must match; {"type": "object"} for json_object, None for text."""
+        if self.type == "text":
+            return None
+        return (self.json_schema and self.json_schema.json_schema) or ANY_JSON_OBJECT
 
 
 class SamplingFields(BaseModel):
@@ -36,9 +80,23 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = Field(False, strict=True)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    response_format: ResponseFormat | None = None
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     user: str | None = None
+    tools: Any = Field(None, description="Refused: tool calling is not supported.")
+    tool_choice: Any = Field(None, description='Refused, but for "none".')
+    functions: Any = Field(None, description="Refused: tool calling is not supported.")
+    function_call: Any = Field(None, description='Refused, but for "none".')
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; no tools are ever called.")
+
+    @field_validator("tools", "tool_choice", "functions", "function_call")
+    @classmethod
+    def _no_tool_calls(cls, value):
+        if value not in (None, "none"):
+            raise PydanticCustomError("tool_calls", NO_TOOLS)
+        return value
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -48,7 +106,15 @@ class SamplingFields(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream_options and self.stream_options.usage_at_end)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.usage_on_every_chunk)
+
+    def structured_output(self) -> dict | None:
+        schema = self.response_format and self.response_format.json_schema_wanted()
+        return {"json_schema": schema} if schema else None
 
     def top_logprobs_wanted(self) -> int | None:
         return None
@@ -61,6 +127,7 @@ class SamplingFields(BaseModel):
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
             "stop": self.stop or [], "seed": None if self.seed is None else (self.seed + choice) % 2**63,
             "ignore_eos": self.ignore_eos, "logprobs": self.top_logprobs_wanted(),
+            "stop_token_ids": self.stop_token_ids, "structured_output": self.structured_output(),
         }
 
 

@@ -1,6 +1,8 @@
 """Engine events to OpenAI responses: one whole response, or a stream of chunks, per request.
 
 Events arrive as (choice index, Delta | Finished) pairs from every choice of a request (n choices per prompt).
+With vLLM's continuous_usage_stats every chunk carries usage as vLLM reports it: the prompt tokens and the tokens
+generated so far of the choice the chunk is about.
 """
 
 from __future__ import annotations
@@ -33,15 +35,19 @@ class ResponseBuilder:
 
     id_prefix = "cmpl"
 
-    def __init__(self, model_name: str, tokenizer, n: int, include_usage: bool):
+    def __init__(self, model_name: str, tokenizer, n: int, include_usage: bool, prompt_lens: list[int],
+                 continuous_usage: bool = False):
         self.model_name = model_name
         self.n = n
         self.include_usage = include_usage
+        self.prompt_lens = prompt_lens  # per prompt; choice i answers prompt i // n
+        self.continuous_usage = continuous_usage
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.token_texts = TokenTexts(tokenizer)
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.generated: dict[int, int] = defaultdict(int)  # per choice, so far
         self._skeleton: dict | None = None  # a chunk with no choices, as the openai type serialises it
 
     async def collect(self, events: Events):
@@ -62,6 +68,7 @@ class ResponseBuilder:
             yield chunk
         async for index, event in events:
             if isinstance(event, Delta):
+                self.generated[index] += len(event.token_ids)
                 if event.text or event.logprobs:
                     pairs = list(zip(event.logprobs, event.token_texts)) if event.logprobs else None
                     yield self.delta_chunk(index, event.text, pairs)
@@ -81,17 +88,26 @@ class ResponseBuilder:
         if index % self.n == 0:  # n choices of one prompt count its tokens once
             self.prompt_tokens += event.prompt_tokens
         self.completion_tokens += event.completion_tokens
+        self.generated[index] = event.completion_tokens
         return "length" if event.finish_reason == "length" else "stop"
 
     def _fast_chunk(self, choice: dict) -> dict:
         if self._skeleton is None:
             self._skeleton = self.usage_chunk().model_dump(mode="json", warnings=False)
             self._skeleton["usage"] = None
-        return {**self._skeleton, "choices": [choice]}
+        usage = self.chunk_usage(choice["index"])
+        return {**self._skeleton, "choices": [choice], "usage": usage and usage.model_dump()}
 
     def usage(self) -> CompletionUsage:
         return CompletionUsage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
                                total_tokens=self.prompt_tokens + self.completion_tokens)
+
+    def chunk_usage(self, index: int) -> CompletionUsage | None:
+        """What a chunk about choice index carries as usage: nothing, unless continuous_usage_stats."""
+        if not self.continuous_usage:
+            return None
+        prompt, generated = self.prompt_lens[index // self.n], self.generated[index]
+        return CompletionUsage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
 
     def opening_chunks(self) -> list:
         return []
@@ -108,8 +124,9 @@ class ResponseBuilder:
 class CompletionResponses(ResponseBuilder):
     id_prefix = "cmpl"
 
-    def __init__(self, model_name: str, tokenizer, n: int, include_usage: bool, echoed: list[str] | None):
-        super().__init__(model_name, tokenizer, n, include_usage)
+    def __init__(self, model_name: str, tokenizer, n: int, include_usage: bool, prompt_lens: list[int],
+                 continuous_usage: bool, echoed: list[str] | None):
+        super().__init__(model_name, tokenizer, n, include_usage, prompt_lens, continuous_usage)
         self.echoed = echoed
         self.offsets: dict[int, int] = defaultdict(int)  # text offset of each choice's next token
 
@@ -148,7 +165,7 @@ class CompletionResponses(ResponseBuilder):
     def _chunk(self, index: int, text: str, reason: str | None, logprobs: Logprobs | None) -> Completion:
         # Streamed choices carry finish_reason None until the last; the type only allows that when constructed.
         choice = CompletionChoice.model_construct(index=index, text=text, finish_reason=reason, logprobs=logprobs)
-        return self._completion([choice])
+        return self._completion([choice], self.chunk_usage(index))
 
     def _logprobs(self, index: int, pairs: list[tuple[TokenLogprob, str]]) -> Logprobs:
         offsets = []
@@ -177,7 +194,8 @@ class ChatResponses(ResponseBuilder):
                               choices=choices, usage=self.usage())
 
     def opening_chunks(self) -> list:
-        return [self._chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))])
+        return [self._chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))],
+                            self.chunk_usage(i))
                 for i in range(self.n)]
 
     def delta_chunk(self, index, text, logprobs) -> ChatCompletionChunk | dict:
@@ -185,10 +203,12 @@ class ChatResponses(ResponseBuilder):
             return self._fast_chunk({"index": index, "delta": {"content": text}, "finish_reason": None,
                                      "logprobs": None})
         chunk_logprobs = ChunkLogprobs(content=self._logprobs(logprobs)) if logprobs else None
-        return self._chunk([ChunkChoice(index=index, delta=ChoiceDelta(content=text), logprobs=chunk_logprobs)])
+        return self._chunk([ChunkChoice(index=index, delta=ChoiceDelta(content=text), logprobs=chunk_logprobs)],
+                           self.chunk_usage(index))
 
     def final_chunk(self, index, reason) -> ChatCompletionChunk:
-        return self._chunk([ChunkChoice(index=index, delta=ChoiceDelta(), finish_reason=reason)])
+        return self._chunk([ChunkChoice(index=index, delta=ChoiceDelta(), finish_reason=reason)],
+                           self.chunk_usage(index))
 
     def usage_chunk(self) -> ChatCompletionChunk:
         return self._chunk([], self.usage())

@@ -41,7 +41,8 @@ def completions_router(served: ServedModel) -> APIRouter:
     async def create_chat_completion(body: ChatCompletionRequest):
         service = checked(body)
         prompt_ids = await service.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-        responses = ChatResponses(model_name, service.tokenizer, body.n, body.include_usage)
+        responses = ChatResponses(model_name, service.tokenizer, body.n, body.include_usage, [len(prompt_ids)],
+                                  body.continuous_usage)
         return await _respond(body, service, [prompt_ids], responses)
 
     @router.post("/openai/v1/completions", response_model=Completion,
@@ -58,7 +59,8 @@ def completions_router(served: ServedModel) -> APIRouter:
                       for i, p in enumerate(prompts)]
         echoed = [service.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids] \
             if body.echo else None
-        responses = CompletionResponses(model_name, service.tokenizer, body.n, body.include_usage, echoed)
+        responses = CompletionResponses(model_name, service.tokenizer, body.n, body.include_usage,
+                                        [len(ids) for ids in prompt_ids], body.continuous_usage, echoed)
         return await _respond(body, service, prompt_ids, responses)
 
     return router
@@ -76,6 +78,7 @@ async def _prompt_ids(service: GenerationService, prompt: str | list[int], field
 async def _respond(body: SamplingFields, service: GenerationService,
                    prompt_ids: list[list[int]], responses: ResponseBuilder):
     params = [service.sampling_params(body.sampling(j), len(ids)) for ids in prompt_ids for j in range(body.n)]
+    await service.prepare(params[0], "response_format")  # every choice has the same response_format
     streams = _start_all(service, [ids for ids in prompt_ids for _ in range(body.n)], params)
     events = _merged(streams)
     if body.stream:

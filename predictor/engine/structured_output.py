@@ -1,0 +1,98 @@
+"""Structured output: a sequence's text held to JSON that matches a schema, by masking at each step the tokens
+that would break it.
+
+xgrammar (vLLM's grammar backend) compiles a schema against the tokenizer's vocabulary once (compiled grammars
+are cached); each constrained sequence has a matcher that says which tokens may come next, as a bitmask, and
+advances with each token drawn. The sampler writes the constrained rows' masks into one batch bitmask and
+applies it to the logits in one call, so constrained and free sequences share every step.
+
+JSON is written compactly (", " and ": " between items, no other whitespace): a model cannot wander into
+endless whitespace, and the output is one line. Properties the schema does not name are not generated.
+Once the JSON is complete only a stop token is allowed; accepting it ends the matcher.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+import xgrammar as xgr
+
+from predictor.engine.errors import InvalidRequest
+
+ANY_JSON_OBJECT = {"type": "object"}
+CACHE_BYTES = 64 << 20  # compiled grammars kept for reuse; distinct schemas beyond this evict the oldest
+_CPP_LOCATION = re.compile(r"^\[[^\]]*\] \S+:\d+: ")  # "[22:33:58] /project/cpp/x.cc:4944: " before a message
+
+
+class Grammars:
+    """Compiles JSON schemas against one tokenizer's vocabulary (thread-safe; compiled grammars are cached)."""
+
+    def __init__(self, tokenizer_info: xgr.TokenizerInfo, stop_token_ids: list[int], max_threads: int = 2):
+        self.stop_token_ids = sorted(stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(tokenizer_info, max_threads=max_threads, cache_limit_bytes=CACHE_BYTES)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, vocab_size: int, stop_token_ids: set[int]) -> Grammars:
+        """From a Hugging Face tokenizer; vocab_size is the model's (its logits may be wider than the vocab)."""
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=sorted(stop_token_ids))
+        return cls(info, sorted(stop_token_ids))
+
+    def compile(self, json_schema: dict, field: str) -> Grammar:
+        """The schema's grammar; a schema xgrammar cannot use is an InvalidRequest naming field."""
+        try:
+            compiled = self._compiler.compile_json_schema(json.dumps(json_schema), any_whitespace=False)
+        except (RuntimeError, ValueError, TypeError) as err:  # xgrammar's refusals of a schema it cannot use
+            raise InvalidRequest(field, f"unusable JSON schema: {_CPP_LOCATION.sub('', str(err)).strip()}") from None
+        return Grammar(compiled, self.stop_token_ids)
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled grammar and the tokens that end it (the model's EOS)."""
+
+    compiled: xgr.CompiledGrammar
+    stop_token_ids: list[int]
+
+    def matcher(self, tokens: list[int]) -> Matcher:
+        """A matcher that has accepted tokens, the output so far (so a preempted sequence resumes where it was)."""
+        return Matcher(self, tokens)
+
+
+class Matcher:
+    """One sequence's place in its grammar."""
+
+    def __init__(self, grammar: Grammar, tokens: list[int]):
+        self._matcher = xgr.GrammarMatcher(grammar.compiled, override_stop_tokens=grammar.stop_token_ids)
+        for token in tokens:
+            if not self._matcher.accept_token(token):
+                raise ValueError(f"token {token} of the output so far breaks its grammar")
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return self._matcher.accept_token(token)
+
+    @property
+    def terminated(self) -> bool:
+        """The output is complete and its stop token accepted: nothing more may follow."""
+        return self._matcher.is_terminated()
+
+
+class BatchMask:
+    """The tokens each constrained row may take next, written into one bitmask reused every step."""
+
+    def __init__(self, max_rows: int, vocab_size: int):
+        self.vocab_size = vocab_size
+        self._bitmask = xgr.allocate_token_bitmask(max_rows, vocab_size)  # on the CPU, where matchers write
+
+    def apply(self, scores: torch.Tensor, rows: list[tuple[int, Matcher]]) -> None:
+        """Set to -inf, in place, every token of scores [B, V] that row i's matcher does not allow."""
+        for row, matcher in rows:
+            matcher.fill(self._bitmask, row)
+        bitmask = self._bitmask[: scores.shape[0]].to(scores.device, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(scores, bitmask, vocab_size=self.vocab_size, indices=[r for r, _ in rows])

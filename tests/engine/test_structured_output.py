@@ -1,0 +1,175 @@
+"""Structured output in the engine core over a fake model and a small character vocabulary: constrained rows follow
+their JSON schema while free rows in the same steps follow the model, through preemption, seeds and dead ends.
+
+The fake model's logits are pseudo-random per (token, position), so a free row's greedy text is fixed by its
+prompt and is not JSON; a constrained row's text must parse and validate whatever the model prefers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+import xgrammar as xgr
+
+from predictor.engine.core import EngineCore
+from predictor.engine.errors import InvalidRequest
+from predictor.engine.model_inputs import ModelInputs
+from predictor.engine.sampler import GRAMMAR_DEAD_END
+from predictor.engine.sampling_params import SamplingParams, StructuredOutput
+from predictor.engine.sequence import Sequence
+from predictor.engine.structured_output import ANY_JSON_OBJECT, Grammars
+
+EOS = 0
+VOCAB = ["</s>", "{", "}", '"', ":", ",", " ", "[", "]", ": ", ", ", "true", "false", "null", '{"', '": ', '", "',
+         "-", ".", "\n", "\t", "}}", "]]", *"abcdefghijklmnopqrstuvwxyz", *"0123456789"]
+V = len(VOCAB)
+REPLY = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                             "maximum": 9}},
+         "required": ["ok", "n"], "additionalProperties": False}
+
+
+def model_scores(token: int, position: int) -> torch.Tensor:
+    return torch.randn(V, generator=torch.Generator().manual_seed(token * 1000 + position)) * 3
+
+
+class FakeRunner:
+    device = torch.device("cpu")
+    vocab_size = V
+
+    def __init__(self, dead_row_token: int | None = None):
+        self.steps: list[ModelInputs] = []
+        self.dead_row_token = dead_row_token  # after this token, only "a" is possible: no JSON can continue
+
+    def execute(self, inputs: ModelInputs) -> torch.Tensor:
+        self.steps.append(inputs)
+        rows = []
+        for index in inputs.sample_indices:
+            token, position = inputs.token_ids[index], inputs.positions[index]
+            scores = model_scores(token, position)
+            if token == self.dead_row_token:
+                scores = torch.full((V,), float("-inf"))
+                scores[VOCAB.index("a")] = 0.0
+            rows.append(scores)
+        return torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def grammars() -> Grammars:
+    return Grammars(xgr.TokenizerInfo(VOCAB, stop_token_ids=[EOS]), [EOS])
+
+
+def free_greedy(prompt: list[int], count: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(count):
+        tokens.append(int(model_scores(tokens[-1], len(tokens) - 1).argmax()))
+        if tokens[-1] == EOS:
+            break
+    return tokens[len(prompt):]
+
+
+def core(runner=None, num_blocks: int = 200) -> EngineCore:
+    return EngineCore(runner or FakeRunner(), num_blocks=num_blocks, block_size=4, max_num_seqs=8,
+                      max_prefill_tokens=64, max_model_len=128)
+
+
+def request(seq_id: int, prompt: list[int], grammars: Grammars | None = None, schema: dict | None = None,
+            **params) -> Sequence:
+    params = {"temperature": 0, "max_new_tokens": 40, **params}
+    grammar = None
+    if schema is not None:
+        params["structured_output"] = StructuredOutput(json_schema=schema)
+        grammar = grammars.compile(schema, "structured_output")
+    return Sequence(seq_id, prompt, SamplingParams(**params), frozenset({EOS}), grammar=grammar)
+
+
+def run(engine: EngineCore, seqs: list[Sequence]) -> dict[int, tuple[list[int], str]]:
+    for seq in seqs:
+        engine.add(seq)
+    finished = {}
+    while engine.has_work:
+        outputs, _ = engine.step()
+        for out in outputs:
+            if out.finish_reason:
+                finished[out.seq.id] = (list(out.seq.output_token_ids), out.finish_reason)
+    return finished
+
+
+def text(tokens: list[int]) -> str:
+    return "".join(VOCAB[t] for t in tokens if t != EOS)
+
+
+PROMPTS = [[30, 31, 32], [40] * 6, [33, 34], [35], [36, 37, 38, 39]]
+
+
+def test_constrained_rows_follow_their_schema_beside_free_rows_in_the_same_steps(grammars):
+    runner = FakeRunner()
+    seqs = [request(0, PROMPTS[0], grammars, REPLY), request(1, PROMPTS[1]), request(2, PROMPTS[2], grammars, REPLY),
+            request(3, PROMPTS[3]), request(4, PROMPTS[4], grammars, ANY_JSON_OBJECT, max_new_tokens=60)]
+    finished = run(core(runner), seqs)
+    for i in (0, 2):
+        tokens, reason = finished[i]
+        assert reason == "stop" and tokens[-1] == EOS
+        jsonschema.validate(json.loads(text(tokens)), REPLY)
+    for i in (1, 3):
+        assert finished[i][0] == free_greedy(PROMPTS[i], 40)
+        assert text(finished[i][0]) != text(finished[0][0])
+    tokens, reason = finished[4]
+    assert reason == "stop" and isinstance(json.loads(text(tokens)), dict)
+    decodes = [step for step in runner.steps if len(step.sample_indices) == len(PROMPTS)]
+    assert decodes, "constrained and free rows were never sampled in one step"
+
+
+def test_preemption_resumes_each_grammar_where_it_was(grammars):
+    def fresh():
+        return [request(i, p, grammars, REPLY if i % 2 == 0 else None) for i, p in enumerate(PROMPTS)]
+
+    roomy = run(core(num_blocks=200), fresh())
+    runner = FakeRunner()
+    tight = run(core(runner, num_blocks=1 + 12), fresh())  # 48 tokens for 5 sequences of 14..40 tokens
+    assert tight == roomy
+    computed = sum(len(step.token_ids) for step in runner.steps)
+    assert computed > sum(len(p) + len(roomy[i][0]) - 1 for i, p in enumerate(PROMPTS))  # some were recomputed
+
+
+def test_seeded_constrained_samples_repeat_and_differ_by_seed(grammars):
+    def sampled(seed: int) -> str:
+        seq = request(0, PROMPTS[0], grammars, REPLY, temperature=1.0, seed=seed)
+        tokens, reason = run(core(), [seq])[0]
+        assert reason == "stop"
+        jsonschema.validate(json.loads(text(tokens)), REPLY)
+        return text(tokens)
+
+    assert sampled(3) == sampled(3)
+    assert len({sampled(seed) for seed in range(8)}) > 1
+
+
+def test_a_complete_json_ends_despite_min_new_tokens_and_ignore_eos(grammars):
+    finished = run(core(), [request(0, PROMPTS[0], grammars, REPLY, min_new_tokens=30),
+                            request(1, PROMPTS[2], grammars, REPLY, ignore_eos=True)])
+    for tokens, reason in finished.values():
+        assert reason == "stop" and len(tokens) < 30
+        jsonschema.validate(json.loads(text(tokens)), REPLY)
+
+
+def test_a_row_the_grammar_leaves_no_possible_token_fails_alone(grammars):
+    runner = FakeRunner(dead_row_token=35)  # the logits after prompt [35] allow only "a", which JSON cannot start with
+    engine = core(runner)
+    seqs = [request(0, [35], grammars, REPLY), request(1, PROMPTS[0])]
+    for seq in seqs:
+        engine.add(seq)
+    results = {}
+    while engine.has_work:
+        outputs, _ = engine.step()
+        results |= {o.seq.id: (o.finish_reason, o.error) for o in outputs if o.finish_reason}
+    assert results[0] == ("error", GRAMMAR_DEAD_END)
+    assert results[1] == ("stop" if free_greedy(PROMPTS[0], 40)[-1] == EOS else "length", None)
+    assert engine.sampler._free_rows and seqs[0].matcher is None
+
+
+def test_a_schema_xgrammar_cannot_use_is_refused_naming_the_field(grammars):
+    with pytest.raises(InvalidRequest, match=r"^response_format: unusable JSON schema: .*objectx") as err:
+        grammars.compile({"type": "objectx"}, "response_format")
+    assert err.value.field == "response_format" and ".cc:" not in str(err.value)

@@ -1,0 +1,156 @@
+"""response_format through the official openai client against the real server: json_object and json_schema by
+constrained decoding, beside unconstrained requests that keep model.generate's greedy text, and the 400s.
+
+The test model has random weights: left free it writes gibberish, so JSON that parses (and validates) is the
+grammar's doing. A json_object's strings are the model's own and may run past max_tokens ("length"); what
+finishes ("stop") parses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from conftest import greedy_reference
+from pydantic import BaseModel, Field
+
+PROMPT = "The capital of France is"
+MESSAGES = [{"role": "user", "content": "Reply in JSON"}]
+REPLY_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "count": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "tag": {"enum": ["red", "green", "blue"]}},
+    "required": ["ok", "count", "tag"], "additionalProperties": False,
+}
+REPLY_FORMAT = {"type": "json_schema", "json_schema": {"name": "reply", "schema": REPLY_SCHEMA, "strict": True}}
+
+
+class Reply(BaseModel):
+    ok: bool
+    count: int = Field(ge=0, le=99)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+
+
+def chat(client, server, **kwargs):
+    return client.chat.completions.create(model=server.model_name, messages=MESSAGES, **kwargs)
+
+
+def test_json_schema_output_validates_greedy_and_sampled(server, client):
+    greedy = chat(client, server, max_tokens=64, temperature=0, response_format=REPLY_FORMAT).choices[0]
+    assert greedy.finish_reason == "stop"
+    jsonschema.validate(json.loads(greedy.message.content), REPLY_SCHEMA)
+    sampled = chat(client, server, max_tokens=64, temperature=1.0, seed=11, n=6, response_format=REPLY_FORMAT)
+    for choice in sampled.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), REPLY_SCHEMA)
+    assert len({c.message.content for c in sampled.choices}) > 1
+
+
+def test_seeded_json_is_reproducible(server, client):
+    def once() -> list[str]:
+        response = chat(client, server, max_tokens=64, temperature=1.0, seed=5, n=3, response_format=REPLY_FORMAT)
+        return [c.message.content for c in sorted(response.choices, key=lambda c: c.index)]
+
+    assert once() == once()
+
+
+def test_json_object_output_parses_when_it_finishes(server, client):
+    greedy = chat(client, server, max_tokens=64, temperature=0, response_format={"type": "json_object"}).choices[0]
+    assert greedy.finish_reason == "stop" and isinstance(json.loads(greedy.message.content), dict)
+    sampled = chat(client, server, max_tokens=48, temperature=1.0, seed=0, n=8,
+                   response_format={"type": "json_object"}).choices
+    finished = [c.message.content for c in sampled if c.finish_reason == "stop"]
+    assert finished and all(isinstance(json.loads(text), dict) for text in finished)
+    assert all(c.message.content.startswith("{") for c in sampled)
+
+
+def test_the_sdk_parse_helper_gets_its_pydantic_model(server, client):
+    completion = client.chat.completions.parse(model=server.model_name, messages=MESSAGES, max_tokens=64,
+                                               temperature=0, response_format=Reply)
+    assert isinstance(completion.choices[0].message.parsed, Reply)
+
+
+def test_streamed_json_is_the_whole_one(server, client):
+    whole = chat(client, server, max_tokens=64, temperature=0, response_format=REPLY_FORMAT).choices[0].message.content
+    stream = chat(client, server, max_tokens=64, temperature=0, response_format=REPLY_FORMAT, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole
+
+
+def test_completions_take_response_format_as_vllm_does(server, client):
+    completion = client.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=64, temperature=0,
+                                           extra_body={"response_format": REPLY_FORMAT})
+    jsonschema.validate(json.loads(completion.choices[0].text), REPLY_SCHEMA)
+
+
+def test_constrained_and_free_requests_together_keep_the_free_ones_exact(server, reference):
+    """Constrained requests share the engine's steps with free ones; the free greedy ones still equal
+    model.generate (the mask touches only its own rows)."""
+
+    async def together():
+        async_client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        free = [async_client.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=24,
+                                                temperature=0, extra_body={"ignore_eos": True}) for _ in range(3)]
+        constrained = [async_client.chat.completions.create(
+            model=server.model_name, messages=MESSAGES, max_tokens=64, temperature=1.0, seed=seed,
+            response_format=REPLY_FORMAT) for seed in range(3)]
+        return await asyncio.gather(*free, *constrained)
+
+    results = asyncio.run(together())
+    expected = greedy_reference(reference, PROMPT, 24)
+    assert [r.choices[0].text for r in results[:3]] == [expected] * 3
+    for response in results[3:]:
+        jsonschema.validate(json.loads(response.choices[0].message.content), REPLY_SCHEMA)
+
+
+def test_text_format_changes_nothing(server, client, reference):
+    completion = client.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=8, temperature=0,
+                                           extra_body={"response_format": {"type": "text"}})
+    assert completion.choices[0].text == greedy_reference(reference, PROMPT, 8)
+
+
+BAD_FORMATS = [
+    ({"type": "yaml"}, "response_format.type", "'json_object'"),
+    ({"type": "json_schema"}, "response_format", "json_schema"),
+    ({"type": "json_object", "json_schema": {"name": "a"}}, "response_format", "json_schema"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, "response_format.json_schema.name",
+     "required"),
+    ({"type": "json_schema", "json_schema": {"name": "a b", "schema": {"type": "object"}}},
+     "response_format.json_schema.name", "pattern"),
+    ({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "objectx"}}}, "response_format",
+     'unusable JSON schema: Unsupported type "objectx"'),
+    ({"type": "json_schema", "json_schema": {"name": "a", "schema": {"$ref": "#/nowhere"}}}, "response_format",
+     "unusable JSON schema"),
+    ({"type": "json_object", "schema": {}}, "response_format.schema", "Extra inputs"),
+]
+
+
+@pytest.mark.parametrize("response_format, field, mentioned", BAD_FORMATS)
+def test_bad_response_formats_are_400_naming_the_field(server, response_format, field, mentioned):
+    body = {"model": server.model_name, "messages": MESSAGES, "response_format": response_format}
+    response = httpx.post(f"{server.url}/openai/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and error["message"].startswith(f"{field}: ") and mentioned in error["message"]
+
+
+@pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("tool_choice", "required"), ("functions", [{"name": "f"}])])
+def test_tool_calling_is_refused_with_a_clear_400(server, field, value):
+    body = {"model": server.model_name, "messages": MESSAGES, field: value}
+    response = httpx.post(f"{server.url}/openai/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and "tool calling is not supported" in error["message"]
+
+
+def test_tool_choice_none_and_parallel_tool_calls_are_accepted(server, client):
+    response = chat(client, server, max_tokens=2, tool_choice="none", parallel_tool_calls=False)
+    assert response.choices[0].finish_reason in ("stop", "length")
