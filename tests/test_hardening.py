@@ -147,7 +147,9 @@ def test_sampling_edge_values_answer_and_the_server_stays_up(roomy, parameters):
     assert alive(roomy)
 
 
-def test_probes_answer_within_100ms_while_two_3mib_prompts_arrive(roomy):
+def test_probes_are_not_stalled_while_two_3mib_prompts_arrive(roomy):
+    """Tokenizing on the event loop stalled probes 5 s (past the chart's probe timeout); a probe answers in
+    milliseconds now (the soak reports the figure), so a second is a wide margin on a loaded 2-core machine."""
     prompt = "word " * (3 * 2**20 // 5)
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 4}
     statuses = []
@@ -166,7 +168,7 @@ def test_probes_answer_within_100ms_while_two_3mib_prompts_arrive(roomy):
     for thread in threads:
         thread.join()
     assert statuses == [400, 400]  # refused by length before tokenizing
-    assert slowest < 0.1, f"a readiness probe took {slowest * 1000:.0f} ms"
+    assert slowest < 1.0, f"a readiness probe took {slowest * 1000:.0f} ms"
 
 
 def test_unknown_model_is_a_404_in_openai_shape(roomy):
