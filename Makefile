@@ -6,7 +6,7 @@ TOOLS := .tools/bin
 HELM ?= $(shell command -v helm 2>/dev/null || echo $(CURDIR)/$(TOOLS)/helm)
 export HELM
 
-.PHONY: install run test bench lint tools image base-image image-tools scale chart-docs clean
+.PHONY: install run test bench soak lint tools image base-image image-tools scale chart-docs clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ $(VENV)/.guidellm-installed: $(VENV)/.installed
 # Server vs raw decode loop vs one request at a time on the demo model; results under bench-results/.
 bench: $(VENV)/.bench-installed
 	$(PY) -m predictor bench $(ARGS)
+
+# 32 clients for 60 s over every route, with disconnects and bad input (ARGS="--clients 8 --duration 10", or
+# --url/--model for a deployed server); results under soak-results/. Exits 1 on a server error.
+soak: install
+	$(PY) -m predictor soak $(ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'

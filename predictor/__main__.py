@@ -1,4 +1,4 @@
-"""llm-predictor: parse the settings and wire the pieces; subcommands `manifest` and `bench`."""
+"""llm-predictor: parse the settings and wire the pieces; subcommands `manifest`, `bench` and `soak`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
         from predictor.tools.bench.cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["soak"]:
+        from predictor.tools.soak.cli import main as soak_main
+
+        return soak_main(argv[1:])
 
     from predictor.config import ConfigError, load_settings
     from predictor.engine.tp import launch_local_ranks, rank_from_env

@@ -7,6 +7,7 @@ import base64
 import struct
 
 import httpx
+import jsonschema_rs
 import openai
 import pytest
 import torch
@@ -60,6 +61,16 @@ def test_base64_encoding_round_trips(server):
     assert response.status_code == 200, response.text
     packed = base64.b64decode(response.json()["data"][0]["embedding"])
     assert list(struct.unpack(f"<{len(packed) // 4}f", packed)) == pytest.approx(as_floats, abs=1e-7)
+
+
+def test_the_openapi_document_describes_both_encodings(server):
+    """Found by tests/test_fuzz.py: the document gave only the float form, so a base64 answer broke it."""
+    document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    answer = document["paths"]["/openai/v1/embeddings"]["post"]["responses"]["200"]["content"]["application/json"]
+    validator = jsonschema_rs.validator_for({**answer["schema"], "components": document["components"]})
+    for encoding in ("float", "base64"):
+        response = embed(server, {"input": TEXTS[0], "encoding_format": encoding})
+        assert response.status_code == 200 and validator.is_valid(response.json()), encoding
 
 
 def test_the_openai_client_parses_the_response(server, reference):

@@ -135,6 +135,52 @@ def test_the_model_repository_is_not_served(roomy):
     assert httpx.get(f"{roomy.url}/v1/models/tiny", timeout=10).status_code == 200 and alive(roomy)
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/models/tiny:predict", {"instances": [{"prompt": "Hi", "parameters": {"stop_token_ids": [-1289737],
+                                                                               "min_new_tokens": 2}}]}),
+    ("/worker_generate", {"prompt": "Hi", "stop_token_ids": [-1289737]}),
+])
+def test_a_negative_stop_token_id_is_a_400_naming_it(roomy, path, body):
+    """Found by tests/test_fuzz.py: it indexed past the vocabulary while banning early stops, a 500."""
+    response = httpx.post(roomy.url + path, json=body, timeout=30)
+    assert response.status_code == 400 and "stop_token_ids.0" in response.text, response.text
+    assert "greater than or equal to 0" in response.text
+    assert alive(roomy)
+
+
+@pytest.mark.parametrize("path", ["/v2/models/tiny/infer", "/v1/models/tiny:predict"])
+def test_an_unparsable_kserve_body_is_a_400_in_kserves_shape(roomy, path):
+    """Found by tests/test_fuzz.py: V2 answered FastAPI's {"detail": ...}, not the V2 protocol's {"error": ...}."""
+    undecodable = b"\0" * 9  # json.loads guesses UTF-32 from the zeros, then cannot decode 9 bytes
+    response = httpx.post(roomy.url + path, content=undecodable, timeout=10,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and isinstance(response.json()["error"], str), response.text
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/openai/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "top_k": 2**63}),
+    ("/openai/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 2, "top_k": 2**63}),
+    ("/v1/models/tiny:predict", {"instances": [{"prompt": "Hi", "parameters": {"top_k": 2**63}}]}),
+    ("/chat", {"prompt": "Hi", "max_length": 8, "top_k": 2**63}),
+])
+def test_a_top_k_past_int64_is_a_400_naming_it(roomy, path, body):
+    """Found by tests/test_fuzz.py: the sampler could not put it in a tensor, a 500 (2**63 - 1 keeps every token)."""
+    response = httpx.post(roomy.url + path, json=body, timeout=30)
+    assert response.status_code == 400 and "top_k" in response.text, response.text
+    assert "less than or equal to 9223372036854775807" in response.text
+    body = {"instances": [{"prompt": "Hi", "parameters": {"top_k": 2**63 - 1, "max_new_tokens": 2}}]}
+    assert httpx.post(f"{roomy.url}/v1/models/tiny:predict", json=body, timeout=30).status_code == 200
+    assert alive(roomy)
+
+
+def test_explanations_are_a_404_not_a_501(roomy):
+    """Found by tests/test_fuzz.py: KServe answered :explain with 501 "Could not find explainer_host"."""
+    for body in ({"instances": [{"prompt": "Hi"}]}, None):
+        response = httpx.post(f"{roomy.url}/v1/models/tiny:explain", json=body, timeout=10)
+        assert response.status_code == 404 and "explainer" in response.json()["error"], response.text
+    assert alive(roomy)
+
+
 @pytest.mark.parametrize("parameters", [
     {"top_p": 1e-300}, {"top_p": 5e-324}, {"temperature": 1e-300}, {"typical_p": 1e-300},
     {"repetition_penalty": 1e-300}, {"repetition_penalty": 100, "temperature": 1e-45},

@@ -206,5 +206,5 @@ def test_openapi_documents_the_worker_and_embedding_routes(server):
     schema = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     for path in ("/worker_generate", "/worker_generate_stream", "/openai/v1/embeddings", "/embeddings"):
         assert path in schema["paths"], path
-    assert {"WorkerGenerateRequest", "WorkerOutput", "EmbeddingRequest", "CreateEmbeddingResponse"} <= set(
+    assert {"WorkerGenerateRequest", "WorkerOutput", "EmbeddingRequest", "EmbeddingsResponse"} <= set(
         schema["components"]["schemas"])

@@ -4,7 +4,7 @@ after ours when the server starts, so ours answer first where both match)."""
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -58,9 +58,8 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-    """FastAPI's own refusals (unreadable body, unknown route, wrong method) in OpenAI's shape on our routes."""
-    if KSERVE_PATHS.match(request.url.path):
-        return await http_exception_handler(request, err)
+    """FastAPI's own refusals (unreadable body, unknown route, wrong method) in OpenAI's shape on our routes, in
+    KServe's {"error": message} on its V1/V2 routes (the V2 protocol's error shape)."""
     param = "body" if err.status_code == 400 else None
     response = error_response(request.url.path, err.status_code, str(err.detail), param)
     response.headers.update(getattr(err, "headers", None) or {})

@@ -35,6 +35,16 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
+class Base64Embedding(Embedding):
+    embedding: str = Field(description="The float32 vector's little-endian bytes in base64 (encoding_format base64).")
+
+
+class EmbeddingsResponse(CreateEmbeddingResponse):
+    """OpenAI's answer, each embedding as floats or, with encoding_format base64, as a base64 string."""
+
+    data: list[Embedding | Base64Embedding]
+
+
 class TextEmbeddingRequest(BaseModel):
     """llm-api's embeddings request; the answer is the bare vector."""
 
@@ -47,8 +57,8 @@ def embeddings_router(served: ServedModel) -> APIRouter:
     router = APIRouter()
     ready = served.ready
 
-    @router.post("/openai/v1/embeddings", responses={200: {"model": CreateEmbeddingResponse}})
-    @router.post("/v1/embeddings", responses={200: {"model": CreateEmbeddingResponse}}, include_in_schema=False)
+    @router.post("/openai/v1/embeddings", responses={200: {"model": EmbeddingsResponse}})
+    @router.post("/v1/embeddings", responses={200: {"model": EmbeddingsResponse}}, include_in_schema=False)
     async def create_embeddings(body: EmbeddingRequest) -> JSONResponse:
         service = ready()
         served.check(body.model)

@@ -7,6 +7,7 @@
 - POST /shutdown (Kaito; off unless --enable_shutdown) drains the engine, then stops every rank.
 - KServe's model repository (POST /v2/repository/models/{name}/load, /unload) would let anyone who reaches the
   port unload the model for good: it is 404 unless --enable_model_repository (and then behind --api_key).
+- KServe's POST /v1/models/{name}:explain would answer 501 (no explainer is deployed with this server): 404.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ def health_router(served: ServedModel, *, enable_shutdown: bool, enable_model_re
         async def repository_disabled(name: str):
             return error_response("/v2/repository", 404, "the model repository is not served; start the server "
                                   "with --enable_model_repository to load and unload models")
+
+    @router.post("/v1/models/{name}:explain", include_in_schema=False)
+    async def explain_not_served(name: str):
+        return error_response(f"/v1/models/{name}:explain", 404, "explanations are not served: this server has no "
+                              "explainer")
 
     return router
 

@@ -11,14 +11,15 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+INT64_MAX = 2**63 - 1  # what the sampler's tensors hold
 Temperature = Annotated[float, Field(ge=0.0, le=100.0, description="0 means greedy.")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-TopK = Annotated[int, Field(ge=0, description="0 disables top-k.")]
+TopK = Annotated[int, Field(ge=0, le=INT64_MAX, description="0 disables top-k; at least the vocabulary keeps all.")]
 TypicalP = Annotated[float, Field(gt=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=100.0)]
 PresencePenalty = Annotated[float, Field(ge=-2.0, le=2.0, description="OpenAI's: subtracted once per seen token.")]
 FrequencyPenalty = Annotated[float, Field(ge=-2.0, le=2.0, description="OpenAI's: subtracted per occurrence.")]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Seed = Annotated[int, Field(ge=0, le=INT64_MAX)]
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
@@ -48,7 +49,7 @@ class SamplingParams(BaseModel):
     frequency_penalty: FrequencyPenalty = 0.0
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives to report per token.")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     seed: Seed | None = None
     structured_output: StructuredOutput | None = Field(
