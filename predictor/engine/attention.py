@@ -3,10 +3,12 @@
 A step's tokens arrive packed in one row, [1, T]: first the prefill chunks (query length > 1), then the decodes
 (query length 1). PagedKVCache.update writes each token's keys and values into its slot; the attention
 function then reads every sequence's context from its blocks:
-- prefill chunks one by one with torch's SDPA (causal; a chunk after cached context gathers that context);
-- decodes together, with the Triton kernel (CUDA) or by gathering their blocks for one batched SDPA (CPU, or
-  without Triton). The Triton path reads lengths and block tables from device tensors only, so it can be
-  captured in a CUDA graph.
+- prefill chunks one by one with torch's SDPA (causal; a chunk after cached context gathers that context), and
+  on the CPU the decodes the same way: one small SDPA per sequence over its own context beats one batched SDPA
+  over contexts gathered and padded to the longest (3x at 32 decodes, mostly the padded copy);
+- on CUDA, decodes together, with the Triton kernel or, without Triton, by gathering their blocks for one
+  batched SDPA. The Triton path reads lengths and block tables from device tensors only, so it can be captured
+  in a CUDA graph.
 
 Models whose attention does not go through transformers' AttentionInterface (Falcon) use the mask layout
 instead: PagedKVCache.update returns the gathered context, and the runner passes a 4D mask (see model_runner).
@@ -29,15 +31,16 @@ PAGED_ATTENTION = "predictor_paged"
 class AttentionMetadata:
     """Where a step's tokens go in the cache and what each sequence attends to.
 
-    Host lists describe the prefill chunks (looped over in Python); decode fields are device tensors, so that a
-    captured graph can be replayed with new contents.
+    Host lists describe the chunks attended one by one (looped over in Python: prefill chunks, and on the CPU the
+    decodes too); the batched decodes' fields are device tensors, so that a captured graph can be replayed with
+    new contents.
     """
 
     cache: Any  # the PagedKVCache the step reads (PagedKVCache.slot_mapping says where the step writes)
-    prefill_query_starts: list[int]  # [P + 1] offsets of the prefill chunks in T
-    prefill_seq_lens: list[int]  # [P] context length after the chunk
-    prefill_block_tables: list[torch.Tensor]  # [P] the blocks of each prefilling sequence
-    decode_start: int  # decodes are tokens [decode_start, T)
+    chunk_query_starts: list[int]  # [C + 1] offsets of the looped chunks in T
+    chunk_seq_lens: list[int]  # [C] context length after the chunk
+    chunk_block_tables: list[torch.Tensor]  # [C] the blocks of each chunk's sequence
+    decode_start: int  # batched decodes are tokens [decode_start, T)
     decode_seq_lens: torch.Tensor  # [D] context length, including the token being decoded
     decode_block_tables: torch.Tensor  # [D, max_blocks]
     decode_max_len: int | None  # host copy of max(decode_seq_lens) for the gathering path; None when captured
@@ -54,11 +57,11 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     return blocks.flatten(0, 1)[:length]
 
 
-def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+def chunked_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
-    """Causal attention of each prefill chunk over its cached context and itself. Tensors are [T, heads, dim]."""
-    starts = meta.prefill_query_starts
-    for i, seq_len in enumerate(meta.prefill_seq_lens):
+    """Causal attention of each looped chunk over its cached context and itself. Tensors are [T, heads, dim]."""
+    starts = meta.chunk_query_starts
+    for i, seq_len in enumerate(meta.chunk_seq_lens):
         start, end = starts[i], starts[i + 1]
         query_len = end - start
         query = q[start:end].transpose(0, 1)[None]
@@ -66,10 +69,12 @@ def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             keys, values = k_new[start:end], v_new[start:end]
             mask, causal = None, True
         else:
-            keys = gather_context(k_cache, meta.prefill_block_tables[i], seq_len)
-            values = gather_context(v_cache, meta.prefill_block_tables[i], seq_len)
-            positions = torch.arange(seq_len - query_len, seq_len, device=q.device)
-            mask, causal = torch.arange(seq_len, device=q.device)[None, :] <= positions[:, None], False
+            keys = gather_context(k_cache, meta.chunk_block_tables[i], seq_len)
+            values = gather_context(v_cache, meta.chunk_block_tables[i], seq_len)
+            mask, causal = None, False  # one query (a decode) sees its whole context
+            if query_len > 1:
+                positions = torch.arange(seq_len - query_len, seq_len, device=q.device)
+                mask = torch.arange(seq_len, device=q.device)[None, :] <= positions[:, None]
         attended = F.scaled_dot_product_attention(
             query, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
             scale=scale, enable_gqa=True,
@@ -103,8 +108,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     k_cache, v_cache = meta.cache.layer(module.layer_idx)
     q = query[0].transpose(0, 1)  # [T, heads, dim]
     out = torch.empty_like(q)
-    if meta.prefill_seq_lens:
-        prefill_attention(q, key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, meta, scaling, out)
+    if meta.chunk_seq_lens:
+        chunked_attention(q, key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, meta, scaling, out)
     if meta.num_decodes:
         decodes = q[meta.decode_start:]
         if meta.use_triton:

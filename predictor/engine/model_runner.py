@@ -74,6 +74,7 @@ class ModelRunner:
         if self.paged:
             model.set_attn_implementation(PAGED_ATTENTION)
         self.use_triton = self.paged and self.device.type == "cuda" and triton_available()
+        self.loop_decodes = self.device.type != "cuda"  # attended one by one, like prefill chunks: attention.py
         self.cache: PagedKVCache | None = None
         self.graphs: dict[int, DecodeGraph] = {}
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -105,16 +106,16 @@ class ModelRunner:
         return self._forward_masked(inputs, step)
 
     def _forward_paged(self, inputs: ModelInputs, step: StepTensors) -> torch.Tensor:
-        prefills = inputs.num_prefills
+        looped = len(inputs.query_lens) if self.loop_decodes else inputs.num_prefills
         meta = AttentionMetadata(
             cache=self.cache,
-            prefill_query_starts=inputs.query_starts[: prefills + 1],
-            prefill_seq_lens=inputs.seq_lens[:prefills],
-            prefill_block_tables=list(step.block_tables[:prefills]),
-            decode_start=inputs.query_starts[prefills],
-            decode_seq_lens=step.seq_lens[prefills:],
-            decode_block_tables=step.block_tables[prefills:],
-            decode_max_len=max(inputs.seq_lens[prefills:], default=0),
+            chunk_query_starts=inputs.query_starts[: looped + 1],
+            chunk_seq_lens=inputs.seq_lens[:looped],
+            chunk_block_tables=list(step.block_tables[:looped]),
+            decode_start=inputs.query_starts[looped],
+            decode_seq_lens=step.seq_lens[looped:],
+            decode_block_tables=step.block_tables[looped:],
+            decode_max_len=max(inputs.seq_lens[looped:], default=0),
             use_triton=self.use_triton,
         )
         self.cache.slot_mapping = step.slot_mapping
@@ -264,7 +265,7 @@ class DecodeGraph:
         self.ids, self.positions, self.slots, self.seq_lens, tables = self.buffer.split([size] * 4 + [size * width])
         self.block_tables = tables.view(size, width)
         self.meta = AttentionMetadata(
-            cache=runner.cache, prefill_query_starts=[0], prefill_seq_lens=[], prefill_block_tables=[],
+            cache=runner.cache, chunk_query_starts=[0], chunk_seq_lens=[], chunk_block_tables=[],
             decode_start=0, decode_seq_lens=self.seq_lens, decode_block_tables=self.block_tables,
             decode_max_len=None, use_triton=True,
         )
