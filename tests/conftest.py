@@ -1,9 +1,8 @@
-"""Shared fixtures: small real-architecture models with the real Llama-2 tokenizer, and running servers."""
+"""Shared fixtures: the tiny models of tests/models.py, the same model loaded by transformers, a running server."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,11 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run interpreted on the CPU; read when they are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+from models import make_llama
 from servers import start
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from predictor.tools.demo import cache_dir, save_llama2_tokenizer, save_random_llama
-
-# 4 query heads and 2 KV heads: tensor-parallel sizes 1 and 2 are valid.
-TINY_LLAMA = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=32000, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-)
+from predictor.tools.demo import cache_dir, save_llama2_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -30,15 +24,15 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return path
 
 
-def make_llama(path: Path, tokenizer_dir: Path, **overrides) -> Path:
-    shutil.copytree(tokenizer_dir, path, dirs_exist_ok=True)
-    save_random_llama(path, {**TINY_LLAMA, **overrides}, seed=0)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
     return make_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def sharded_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    """The tiny Llama with its weights in several safetensors shards, in a directory named tiny-llama."""
+    return make_llama(tmp_path_factory.mktemp("sharded") / "tiny-llama", tokenizer_dir, max_shard_size="1MB")
 
 
 @pytest.fixture(scope="session")
@@ -54,15 +48,3 @@ def server(tiny_llama, tmp_path_factory):
                     "--max_model_len=512")
     yield running
     running.stop()
-
-
-def greedy_reference(reference, prompt: str, max_new_tokens: int) -> str:
-    """model.generate's greedy text after the prompt, decoded the way a completion is."""
-    model, tokenizer = reference
-    prompt_ids = tokenizer(prompt).input_ids
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=0)[0].tolist()
-    full = tokenizer.decode(out, skip_special_tokens=True)
-    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    assert full.startswith(head)
-    return full[len(head):]

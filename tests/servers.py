@@ -1,8 +1,9 @@
-"""Start the real predictor as a subprocess on a loopback port and wait for it to be ready."""
+"""Start the real predictor as a subprocess on a loopback port, wait for it to be ready, read its metrics."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -77,3 +78,14 @@ def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> Server:
 
 def start(model_dir: Path, log: Path, *args: str, **kwargs) -> Server:
     return wait_ready(launch(model_dir, log, *args, **kwargs))
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def wait_for_metric(server, name: str, value: float, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(server, name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.05)

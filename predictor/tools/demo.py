@@ -46,14 +46,16 @@ def ensure_demo_model(root: Path | None = None) -> Path:
     return target
 
 
-def save_random_llama(model_dir: Path, architecture: dict, seed: int, dtype: str = "float32") -> None:
+def save_random_llama(model_dir: Path, architecture: dict, seed: int, dtype: str = "float32",
+                      max_shard_size: str | None = None) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(**architecture, dtype=dtype)
     model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(model_dir, safe_serialization=True)
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(model_dir, safe_serialization=True, **shards)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(model_dir)
 
 

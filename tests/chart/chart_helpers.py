@@ -1,4 +1,4 @@
-"""Shared by the chart tests (tests/test_chart_*.py): run helm, pick objects out of what it rendered, and
+"""Shared by the chart tests (tests/chart/test_chart_*.py): run helm, pick objects out of what it rendered, and
 round-trip objects through the KServe/Kubernetes SDK models."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "llm-predictor"
 EXAMPLES = REPO / "examples"
 

@@ -53,7 +53,7 @@ def test_plain_lint_passes_on_the_defaults():
 # ------------------------------------------------------------------------------------------------
 # chart-testing's `ct lint`, check by check. ct is a Go binary that no registry reachable here ships, so these
 # tests run what it runs: yamale with its chart_schema.yaml, yamllint with its lintconf.yaml (copies in
-# tests/chart_testing/, which ct.yaml points ct at too), `helm lint` per ci/*-values.yaml, and its version check.
+# tests/chart/chart_testing/, which ct.yaml points ct at too), `helm lint` per ci/*-values.yaml, and its version check.
 # ------------------------------------------------------------------------------------------------
 
 CT_CONFIG = yaml.safe_load((ch.REPO / "ct.yaml").read_text())

@@ -22,6 +22,8 @@ from predictor.engine.sampling_params import SamplingParams, StructuredOutput
 from predictor.engine.sequence import Sequence
 from predictor.engine.structured_output import ANY_JSON_OBJECT, Grammars
 
+from .test_core import run
+
 EOS = 0
 VOCAB = ["</s>", "{", "}", '"', ":", ",", " ", "[", "]", ": ", ", ", "true", "false", "null", '{"', '": ', '", "',
          "-", ".", "\n", "\t", "}}", "]]", *"abcdefghijklmnopqrstuvwxyz", *"0123456789"]
@@ -83,18 +85,6 @@ def request(seq_id: int, prompt: list[int], grammars: Grammars | None = None, sc
         params["structured_output"] = StructuredOutput(json_schema=schema)
         grammar = grammars.compile(schema, "structured_output")
     return Sequence(seq_id, prompt, SamplingParams(**params), frozenset({EOS}), grammar=grammar)
-
-
-def run(engine: EngineCore, seqs: list[Sequence]) -> dict[int, tuple[list[int], str]]:
-    for seq in seqs:
-        engine.add(seq)
-    finished = {}
-    while engine.has_work:
-        outputs, _ = engine.step()
-        for out in outputs:
-            if out.finish_reason:
-                finished[out.seq.id] = (list(out.seq.output_token_ids), out.finish_reason)
-    return finished
 
 
 def text(tokens: list[int]) -> str:

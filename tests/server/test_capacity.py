@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 
 import httpx
-from servers import launch, start, wait_ready
-
-
-def metric(server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
-
-
-def wait_for_metric(server, name: str, value: float, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while metric(server, name) != value:
-        assert time.monotonic() < deadline, f"{name} never reached {value}"
-        time.sleep(0.05)
+from servers import launch, metric, start, wait_for_metric, wait_ready
 
 
 def predict(server, parameters: dict, timeout: float = 120) -> httpx.Response:

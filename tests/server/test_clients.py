@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-from conftest import greedy_reference
 from kserve import InferenceRESTClient, RESTConfig
 from kserve.protocol.infer_type import InferInput, InferRequest
 from langchain_core.messages import AIMessageChunk
 from langchain_openai import ChatOpenAI
+from models import greedy_reference
 from pydantic import BaseModel
 from servers import predictor_env
 

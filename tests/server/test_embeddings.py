@@ -64,7 +64,7 @@ def test_base64_encoding_round_trips(server):
 
 
 def test_the_openapi_document_describes_both_encodings(server):
-    """Found by tests/test_fuzz.py: the document gave only the float form, so a base64 answer broke it."""
+    """Found by the fuzz test: the document gave only the float form, so a base64 answer broke it."""
     document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     answer = document["paths"]["/openai/v1/embeddings"]["post"]["responses"]["200"]["content"]["application/json"]
     validator = jsonschema_rs.validator_for({**answer["schema"], "components": document["components"]})

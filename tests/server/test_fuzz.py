@@ -2,8 +2,8 @@
 every answer has its route's documented shape; the server serves normally afterwards.
 
 Every operation in the document is fuzzed, KServe's V1 :predict and V2 /infer with the text bodies of
-tests/fuzz_schemas.py (the document leaves them raw). Positive cases are generated from the schemas, negative
-ones break them (wrong types, out-of-range values, missing fields); tests/fuzz_cases.py points both at the served
+tests/server/fuzz_schemas.py (the document leaves them raw). Positive cases are generated from the schemas, negative
+ones break them (wrong types, out-of-range values, missing fields); tests/server/fuzz_cases.py points both at the served
 model and keeps generations short. FUZZ_EXAMPLES sets the cases per operation and mode; under CI the run is
 derandomized (the same cases each time), elsewhere each run explores new ones.
 """
@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 import schemathesis
-from conftest import TINY_LLAMA
 from fuzz_cases import repaired, served
 from fuzz_checks import content_type, problems
 from fuzz_schemas import V1_PREDICT, V2_INFER, completed
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from models import TINY_LLAMA
 from schemathesis import GenerationMode
-from servers import start
-from test_capacity import metric, wait_for_metric
+from servers import metric, start, wait_for_metric
 
 MAX_MODEL_LEN = 64
 VOCAB_SIZE = TINY_LLAMA["vocab_size"]

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from conftest import greedy_reference
+from models import greedy_reference
 
 PROMPTS = [
     "Hello",

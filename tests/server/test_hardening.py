@@ -9,8 +9,7 @@ import time
 
 import httpx
 import pytest
-from servers import start
-from test_capacity import metric, wait_for_metric
+from servers import metric, start, wait_for_metric
 
 LONG = 1900  # tokens: seconds of generation on the tiny model, so a finish within a second means a cancel
 
@@ -141,7 +140,7 @@ def test_the_model_repository_is_not_served(roomy):
     ("/worker_generate", {"prompt": "Hi", "stop_token_ids": [-1289737]}),
 ])
 def test_a_negative_stop_token_id_is_a_400_naming_it(roomy, path, body):
-    """Found by tests/test_fuzz.py: it indexed past the vocabulary while banning early stops, a 500."""
+    """Found by the fuzz test: it indexed past the vocabulary while banning early stops, a 500."""
     response = httpx.post(roomy.url + path, json=body, timeout=30)
     assert response.status_code == 400 and "stop_token_ids.0" in response.text, response.text
     assert "greater than or equal to 0" in response.text
@@ -150,7 +149,7 @@ def test_a_negative_stop_token_id_is_a_400_naming_it(roomy, path, body):
 
 @pytest.mark.parametrize("path", ["/v2/models/tiny/infer", "/v1/models/tiny:predict"])
 def test_an_unparsable_kserve_body_is_a_400_in_kserves_shape(roomy, path):
-    """Found by tests/test_fuzz.py: V2 answered FastAPI's {"detail": ...}, not the V2 protocol's {"error": ...}."""
+    """Found by the fuzz test: V2 answered FastAPI's {"detail": ...}, not the V2 protocol's {"error": ...}."""
     undecodable = b"\0" * 9  # json.loads guesses UTF-32 from the zeros, then cannot decode 9 bytes
     response = httpx.post(roomy.url + path, content=undecodable, timeout=10,
                           headers={"content-type": "application/json"})
@@ -164,7 +163,7 @@ def test_an_unparsable_kserve_body_is_a_400_in_kserves_shape(roomy, path):
     ("/chat", {"prompt": "Hi", "max_length": 8, "top_k": 2**63}),
 ])
 def test_a_top_k_past_int64_is_a_400_naming_it(roomy, path, body):
-    """Found by tests/test_fuzz.py: the sampler could not put it in a tensor, a 500 (2**63 - 1 keeps every token)."""
+    """Found by the fuzz test: the sampler could not put it in a tensor, a 500 (2**63 - 1 keeps every token)."""
     response = httpx.post(roomy.url + path, json=body, timeout=30)
     assert response.status_code == 400 and "top_k" in response.text, response.text
     assert "less than or equal to 9223372036854775807" in response.text
@@ -174,7 +173,7 @@ def test_a_top_k_past_int64_is_a_400_naming_it(roomy, path, body):
 
 
 def test_explanations_are_a_404_not_a_501(roomy):
-    """Found by tests/test_fuzz.py: KServe answered :explain with 501 "Could not find explainer_host"."""
+    """Found by the fuzz test: KServe answered :explain with 501 "Could not find explainer_host"."""
     for body in ({"instances": [{"prompt": "Hi"}]}, None):
         response = httpx.post(f"{roomy.url}/v1/models/tiny:explain", json=body, timeout=10)
         assert response.status_code == 404 and "explainer" in response.json()["error"], response.text

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-from conftest import greedy_reference
+from models import greedy_reference
 from servers import REPO, launch, start, wait_ready
 from test_tensor_parallel import ranks_of
 

@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import greedy_reference
-from test_capacity import metric, wait_for_metric
+from models import greedy_reference
+from servers import metric, wait_for_metric
 
 PROMPT = "The capital of France is"
 

@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import greedy_reference
+from models import greedy_reference
 from pydantic import BaseModel, Field
 
 PROMPT = "The capital of France is"

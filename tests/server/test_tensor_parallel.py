@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import greedy_reference, make_llama
+from models import greedy_reference, make_llama
 from servers import REPO, predictor_env, start
 from test_embeddings import assert_close, reference_embedding
 from test_generation import _post_all

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import greedy_reference
+from models import greedy_reference
 
 PROMPT = "Once upon a time"
 

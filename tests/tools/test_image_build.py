@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_model import make_tiny_model
 
 from predictor import model_facts
 from predictor.tools import sizing
 from predictor.tools.catalog import CatalogError, load_catalog
 from predictor.tools.manifest import MANIFEST_NAME, model_files, verify_manifest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "build" / "Dockerfile"
 CATALOG_MODELS = {
     "llama-2-7b", "llama-2-7b-chat", "llama-2-13b", "llama-2-13b-chat", "llama-2-70b", "llama-2-70b-chat",
@@ -30,11 +29,6 @@ SECRET_NAME = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|AUTH|API_?KEY
 sys.path.insert(0, str(REPO / "build"))  # the build scripts, importable as modules
 build_image = importlib.import_module("build_image")
 base_image = importlib.import_module("base_image")
-
-
-@pytest.fixture(scope="session")
-def tiny_source(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama")
 
 
 @pytest.fixture
@@ -106,14 +100,14 @@ def test_demo_entry_matches_the_demo_model():
 # --- resolving MODEL ----------------------------------------------------------------------------------
 
 
-def test_catalog_name_needs_a_weights_directory(tiny_source, monkeypatch):
+def test_catalog_name_needs_a_weights_directory(sharded_llama, monkeypatch):
     catalog = load_catalog()
     monkeypatch.delenv("MODEL_DIR", raising=False)
     with pytest.raises(build_image.BuildError, match="--model_dir DIR or MODEL_DIR=DIR"):
         build_image.resolve_model("llama-2-7b", None, catalog)
-    monkeypatch.setenv("MODEL_DIR", str(tiny_source))
+    monkeypatch.setenv("MODEL_DIR", str(sharded_llama))
     name, path, entry = build_image.resolve_model("llama-2-7b", None, catalog)
-    assert (name, path, entry["hidden_size"]) == ("llama-2-7b", tiny_source, 4096)
+    assert (name, path, entry["hidden_size"]) == ("llama-2-7b", sharded_llama, 4096)
     with pytest.raises(build_image.BuildError, match="not llama-2-7b's weights: num_hidden_layers is 2"):
         build_image.check_against_catalog(path, name, entry)
 
@@ -126,28 +120,28 @@ def test_unknown_model_lists_the_catalog():
 # --- the staged context -------------------------------------------------------------------------------
 
 
-def test_staged_context_has_exactly_what_the_build_needs(tiny_source, fake_repo, tmp_path):
-    context = build_image.stage_context(tiny_source, "tiny", tmp_path / "context")
+def test_staged_context_has_exactly_what_the_build_needs(sharded_llama, fake_repo, tmp_path):
+    context = build_image.stage_context(sharded_llama, "tiny", tmp_path / "context")
 
     assert sorted(p.name for p in context.iterdir()) == sorted(
         ["Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "predictor", "model", "wheels", "ca"])
     assert not any((context / "wheels").iterdir()) and not any((context / "ca").iterdir())
     assert [p.name for p in (context / "predictor").rglob("*")] == ["__init__.py"]
-    assert model_files(context / "model") == model_files(tiny_source)
+    assert model_files(context / "model") == model_files(sharded_llama)
     dockerfile = (context / "Dockerfile").read_text()
     assert '"--model_name=tiny"' in dockerfile and '"--model_name=model"' not in dockerfile
 
     (context / "model" / "stale").write_text("")
-    build_image.stage_context(tiny_source, "tiny", context)
+    build_image.stage_context(sharded_llama, "tiny", context)
     assert not (context / "model" / "stale").exists(), "restaging starts from an empty context"
 
 
-def test_a_torch_wheel_and_a_ca_bundle_are_staged_for_the_builder_stage(tiny_source, fake_repo, tmp_path):
+def test_a_torch_wheel_and_a_ca_bundle_are_staged_for_the_builder_stage(sharded_llama, fake_repo, tmp_path):
     wheel = tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
     wheel.write_bytes(b"PK")
     bundle = tmp_path / "corporate-ca.crt"
     bundle.write_text("-----BEGIN CERTIFICATE-----\n")
-    context = build_image.stage_context(tiny_source, "tiny", tmp_path / "context", (wheel,), bundle)
+    context = build_image.stage_context(sharded_llama, "tiny", tmp_path / "context", (wheel,), bundle)
     assert [p.name for p in (context / "wheels").iterdir()] == [wheel.name]
     assert (context / build_image.CA_BUNDLE).read_text() == bundle.read_text()
     ignored = (context / ".dockerignore").read_text().splitlines()
@@ -162,13 +156,13 @@ def test_torch_wheel_must_be_a_torch_wheel(tmp_path):
         build_image.check_torch_wheel(tmp_path / "numpy-2.0.0-cp311-cp311-linux_x86_64.whl")
 
 
-def test_index_choices(tiny_source, fake_repo, tmp_path, monkeypatch, capsys):
+def test_index_choices(sharded_llama, fake_repo, tmp_path, monkeypatch, capsys):
     """A torch wheel replaces the CPU index; a mirror replaces PyPI."""
     monkeypatch.setattr(build_image, "pick_engine", lambda: (None, ["docker: not installed"]))
     monkeypatch.delenv("PIP_CERT", raising=False)
     wheel = tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
     wheel.write_bytes(b"PK")
-    base = ["--model", str(tiny_source), "--tag", "localhost/llm/tiny:1", "--variant", "cpu"]
+    base = ["--model", str(sharded_llama), "--tag", "localhost/llm/tiny:1", "--variant", "cpu"]
 
     assert build_image.main([*base, "--base_image", "localhost/debian-py:bookworm"]) == build_image.EXIT_NO_ENGINE
     command = capsys.readouterr().err.strip().splitlines()[-1].split()
@@ -184,29 +178,29 @@ def test_index_choices(tiny_source, fake_repo, tmp_path, monkeypatch, capsys):
     assert (fake_repo / "build" / "context" / "wheels" / wheel.name).is_file()
 
 
-def test_the_build_trusts_the_ca_bundle_pip_trusts_here(tiny_source, fake_repo, tmp_path, monkeypatch, capsys):
+def test_the_build_trusts_the_ca_bundle_pip_trusts_here(sharded_llama, fake_repo, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(build_image, "pick_engine", lambda: (None, ["docker: not installed"]))
     bundle = tmp_path / "ca.crt"
     bundle.write_text("-----BEGIN CERTIFICATE-----\n")
     monkeypatch.setenv("PIP_CERT", str(bundle))
-    assert build_image.main(["--model", str(tiny_source), "--tag", "t:1"]) == build_image.EXIT_NO_ENGINE
+    assert build_image.main(["--model", str(sharded_llama), "--tag", "t:1"]) == build_image.EXIT_NO_ENGINE
     assert (fake_repo / "build" / "context" / build_image.CA_BUNDLE).read_text() == bundle.read_text()
 
     monkeypatch.setenv("PIP_CERT", str(tmp_path / "gone.crt"))
-    assert build_image.main(["--model", str(tiny_source), "--tag", "t:1"]) == 1
+    assert build_image.main(["--model", str(sharded_llama), "--tag", "t:1"]) == 1
     assert "gone.crt: no such file" in capsys.readouterr().err
 
 
-def test_staging_refuses_to_wipe_an_unrelated_directory(tiny_source, fake_repo, tmp_path):
+def test_staging_refuses_to_wipe_an_unrelated_directory(sharded_llama, fake_repo, tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     with pytest.raises(build_image.BuildError, match="not a staged build context"):
-        build_image.stage_context(tiny_source, "tiny", tmp_path / "precious")
+        build_image.stage_context(sharded_llama, "tiny", tmp_path / "precious")
 
 
-def test_without_an_engine_the_build_command_is_printed(tiny_source, fake_repo, monkeypatch, capsys):
+def test_without_an_engine_the_build_command_is_printed(sharded_llama, fake_repo, monkeypatch, capsys):
     monkeypatch.setattr(build_image, "pick_engine", lambda: (None, ["docker: no daemon answers"]))
-    code = build_image.main(["--model", str(tiny_source), "--tag", "registry.example.com/llm/tiny:1"])
+    code = build_image.main(["--model", str(sharded_llama), "--tag", "registry.example.com/llm/tiny:1"])
 
     assert code == build_image.EXIT_NO_ENGINE
     err = capsys.readouterr().err
@@ -218,7 +212,7 @@ def test_without_an_engine_the_build_command_is_printed(tiny_source, fake_repo, 
     digest = next(a for a in command if a.startswith("--build-arg=MANIFEST_DIGEST=")).split("=", 2)[2]
     assert digest == build_image.manifest_digest(context / "model")
     assert verify_manifest(context / "model", "full")["model_name"] == "tiny-llama"
-    assert not (tiny_source / MANIFEST_NAME).exists(), "the user's weights directory is left untouched"
+    assert not (sharded_llama / MANIFEST_NAME).exists(), "the user's weights directory is left untouched"
 
 
 def test_build_commands_per_engine(monkeypatch):

@@ -27,7 +27,7 @@ import httpx
 import pytest
 from servers import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "build"))  # the build scripts, importable as modules
 build_image = importlib.import_module("build_image")
 base_image = importlib.import_module("base_image")

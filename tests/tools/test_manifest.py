@@ -6,11 +6,12 @@ import hashlib
 import json
 import math
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
+from models import TINY_LLAMA
 from safetensors import safe_open
-from tiny_model import copy_model, make_tiny_model
 
 from predictor.tools.manifest import (
     MANIFEST_NAME,
@@ -22,14 +23,9 @@ from predictor.tools.manifest import (
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_source(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama")
-
-
 @pytest.fixture
-def model(tiny_source, tmp_path) -> Path:
-    return copy_model(tiny_source, tmp_path / "tiny-llama")
+def model(sharded_llama, tmp_path) -> Path:
+    return Path(shutil.copytree(sharded_llama, tmp_path / "tiny-llama"))
 
 
 def shards(model: Path) -> list[Path]:
@@ -68,10 +64,11 @@ def test_manifest_records_files_sizes_hashes_and_sizing(model):
     assert manifest["dtype"] == "float32"
     assert (manifest["num_attention_heads"], manifest["num_key_value_heads"]) == (4, 2)
     assert manifest["tensor_parallel_sizes"] == [1, 2]
-    kv_per_token = 2 * 2 * 2 * 8 * 4  # K and V, layers, KV heads, head_dim, float32
+    kv_per_token = 2 * 2 * 2 * 16 * 4  # K and V, layers, KV heads, head_dim, float32
     assert manifest["kv_bytes_per_token"] == kv_per_token
+    context = TINY_LLAMA["max_position_embeddings"]
     assert manifest["estimated_gpu_memory_bytes"] == math.ceil(
-        1.1 * (manifest["weight_bytes"] + kv_per_token * 128 * 4))
+        1.1 * (manifest["weight_bytes"] + kv_per_token * context * 4))
 
 
 def test_cli_writes_manifest_that_then_verifies(model, capsys):

@@ -180,18 +180,6 @@ def server_flags(args) -> list[str]:
             f"--device={args.device}", f"--dtype={args.dtype}", *shlex.split(args.server_args)]
 
 
-def launch_local_server(args, run_dir: Path) -> server.LocalServer:
-    flags = server_flags(args)
-    local = server.launch(run_dir / "server.log", args.model_dir, args.model, flags)
-    logger.info("waiting for the local server (pid %d) at %s", local.process.pid, local.url)
-    try:
-        server.wait_ready(local, args.model)
-    except BaseException:
-        local.stop()
-        raise
-    return local
-
-
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
@@ -236,7 +224,7 @@ def measure(args, run_dir: Path) -> BenchRun:
     workload = build_workload(tokenizer, count, args.prompt_tokens, args.max_tokens, args.seed)
 
     in_process = measure_in_process(args, local_model_dir, workload, pad_id) if local_model_dir else None
-    local = None if args.url else launch_local_server(args, run_dir)
+    local = None if args.url else server.start(run_dir / "server.log", args.model_dir, args.model, server_flags(args))
     try:
         target = client.Target(args.url or local.url, args.model, args.api_key)
         points = measure_server(args, target, workload, local, notes)

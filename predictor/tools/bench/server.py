@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 30
@@ -87,3 +90,15 @@ def wait_ready(server: LocalServer, model_name: str, timeout_s: float = READY_TI
         time.sleep(0.2)
     server.stop()
     raise TimeoutError(f"the predictor was not ready after {timeout_s:.0f}s; see {server.log}")
+
+
+def start(log: Path, model_dir: Path | None, model_name: str, server_args: list[str]) -> LocalServer:
+    """launch, then wait until it serves the model; stopped again if it never does."""
+    local = launch(log, model_dir, model_name, server_args)
+    logger.info("waiting for the local server (pid %d) at %s", local.process.pid, local.url)
+    try:
+        wait_ready(local, model_name)
+    except BaseException:
+        local.stop()
+        raise
+    return local

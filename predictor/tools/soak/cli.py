@@ -62,15 +62,7 @@ def still_serves(url: str, model: str, api_key: str | None) -> bool:
 
 def soak(args, run_dir: Path) -> SoakRun:
     load_at_start = machine.load_average()
-    local = None
-    if not args.url:
-        local = server.launch(run_dir / "server.log", args.model_dir, args.model, server_flags(args))
-        logger.info("waiting for the local server (pid %d) at %s", local.process.pid, local.url)
-        try:
-            server.wait_ready(local, args.model)
-        except BaseException:
-            local.stop()
-            raise
+    local = None if args.url else server.start(run_dir / "server.log", args.model_dir, args.model, server_flags(args))
     url = args.url or local.url
     try:
         before = read_state(url)
