@@ -5,6 +5,7 @@ Its text is gibberish by nature; it exists so that `make run` serves something r
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -32,17 +33,24 @@ def cache_dir() -> Path:
 
 
 def ensure_demo_model(root: Path | None = None) -> Path:
-    """Create the demo model directory once and return it."""
-    target = (root or cache_dir()) / "demo-model"
+    """Create the demo model directory once and return it. Processes that start together (the ranks of a
+    tensor-parallel server, one per node) wait for the first one's, under a file lock: a second writer would
+    replace files the first is already reading."""
+    base = root or cache_dir()
+    target = base / "demo-model"
     if (target / "model.safetensors").is_file():
         return target
-    logger.info("creating the demo model in %s (once)", target)
-    staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
-    save_llama2_tokenizer(staging, root or cache_dir())
-    save_random_llama(staging, DEMO_ARCHITECTURE, seed=DEMO_SEED)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / "demo-model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "model.safetensors").is_file():
+            return target
+        logger.info("creating the demo model in %s (once)", target)
+        staging = Path(tempfile.mkdtemp(dir=base))
+        save_llama2_tokenizer(staging, base)
+        save_random_llama(staging, DEMO_ARCHITECTURE, seed=DEMO_SEED)
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete one, from before
+        staging.rename(target)
     return target
 
 
@@ -92,5 +100,6 @@ def extract_vocab_from_sdist(dest: Path) -> None:
         (sdist,) = Path(tmp).glob("*.tar.gz")
         with tarfile.open(sdist) as archive:
             member = next(m for m in archive.getmembers() if m.name.endswith(f"vendor/llama.cpp/models/{LLAMA_VOCAB}"))
-            with archive.extractfile(member) as src, open(dest, "wb") as out:
+            with archive.extractfile(member) as src, tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as out:
                 shutil.copyfileobj(src, out)
+        os.replace(out.name, dest)  # readers memory-map it: none may ever see half a file
