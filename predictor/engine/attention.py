@@ -5,7 +5,7 @@ A step's tokens arrive packed in one row, [1, T]: first the prefill chunks (quer
 function then reads every sequence's context from its blocks:
 - prefill chunks one by one with torch's SDPA (causal; a chunk after cached context gathers that context), and
   on the CPU the decodes the same way: one small SDPA per sequence over its own context beats one batched SDPA
-  over contexts gathered and padded to the longest (3x at 32 decodes, mostly the padded copy);
+  over contexts gathered and padded to the longest (101 -> 53 ms per step at 32 decodes of 300 tokens);
 - on CUDA, decodes together, with the Triton kernel or, without Triton, by gathering their blocks for one
   batched SDPA. The Triton path reads lengths and block tables from device tensors only, so it can be captured
   in a CUDA graph.
