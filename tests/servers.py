@@ -79,6 +79,7 @@ def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> Server:
 def start(model_dir: Path, log: Path, *args: str, **kwargs) -> Server:
     return wait_ready(launch(model_dir, log, *args, **kwargs))
 
+
 def metric(server, name: str) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
