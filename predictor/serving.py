@@ -24,7 +24,7 @@ from predictor.engine import Engine
 from predictor.engine.core import EngineCore
 from predictor.engine.model_runner import ModelRunner
 from predictor.engine.structured_output import Grammars
-from predictor.engine.tp import LeaderRunner, Rank, follow, init_process_groups
+from predictor.engine.tp import LeaderRunner, Rank, close_process_groups, follow, init_process_groups
 from predictor.kv_sizing import KVCachePlan, log_plan, plan_kv_cache
 from predictor.tools.demo import ensure_demo_model
 from predictor.tools.manifest import ManifestError, verify_manifest
@@ -129,6 +129,7 @@ def serve(settings: Settings, rank: Rank | None) -> int:
         model.service.engine.stop()
         if loaded_holder and loaded_holder[0].control is not None:
             LeaderRunner(loaded_holder[0].runner, loaded_holder[0].control).stop()
+    close_process_groups()
     return 0
 
 
@@ -136,6 +137,7 @@ def run_follower(settings: Settings, rank: Rank) -> int:
     try:
         loaded = load(settings, rank)
         follow(loaded.runner, loaded.control)
+        close_process_groups()
     except loader.LoadError as err:
         print(f"llm-predictor: {err}", file=sys.stderr)
         return 2

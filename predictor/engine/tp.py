@@ -69,6 +69,13 @@ def init_process_groups(device: torch.device) -> dist.ProcessGroup:
     return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
+def close_process_groups() -> None:
+    """Destroy the groups before the interpreter exits: a gloo group left to static destruction can abort the
+    process ("terminate called without an active exception") and turn a clean shutdown into exit code -6."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Op(enum.IntEnum):
     STEP = 1
     EMBED = 2
