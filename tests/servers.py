@@ -80,9 +80,12 @@ def start(model_dir: Path, log: Path, *args: str, **kwargs) -> Server:
     return wait_ready(launch(model_dir, log, *args, **kwargs))
 
 
-def metric(server, name: str) -> float:
+def metric(server, name: str, absent: float | None = None) -> float:
+    """One sample of /metrics by its full name (labels included); `absent` for a labelled series not yet made."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert found or absent is not None, f"{name} is not in /metrics"
+    return float(found.group(1)) if found else absent
 
 
 def wait_for_metric(server, name: str, value: float, timeout: float = 60) -> None:

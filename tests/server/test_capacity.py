@@ -14,9 +14,9 @@ def predict(server, parameters: dict, timeout: float = 120) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/models/{server.model_name}:predict", json=body, timeout=timeout)
 
 
-def abandoned_request(server, patience: float = 0.5) -> threading.Thread:
-    """A long request whose client gives up (disconnects) after `patience` seconds."""
-    body = {"model": server.model_name, "prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0,
+def abandoned_request(server, patience: float) -> threading.Thread:
+    """A request far longer than `patience`, whose client gives up (disconnects) after `patience` seconds."""
+    body = {"model": server.model_name, "prompt": "Once upon a time", "max_tokens": 30000, "temperature": 0,
             "ignore_eos": True}
 
     def run():
@@ -31,9 +31,9 @@ def abandoned_request(server, patience: float = 0.5) -> threading.Thread:
 
 
 def test_client_disconnect_frees_capacity(tiny_llama, tmp_path):
-    server = start(tiny_llama, tmp_path / "server.log", "--max_num_seqs=2", "--max_model_len=2048")
+    server = start(tiny_llama, tmp_path / "server.log", "--max_num_seqs=2", "--max_model_len=32768")
     try:
-        clients = [abandoned_request(server) for _ in range(2)]
+        clients = [abandoned_request(server, patience=2) for _ in range(2)]
         wait_for_metric(server, "predictor_num_requests_running", 2)
         for client in clients:
             client.join()
@@ -53,21 +53,42 @@ def test_client_disconnect_frees_capacity(tiny_llama, tmp_path):
         server.stop()
 
 
+def held_stream(server, release: threading.Event) -> threading.Thread:
+    """A streamed request far longer than the test, which its client drops once `release` is set: it holds its
+    place (running or waiting) for as long as the test needs, whatever the machine's speed."""
+    body = {"model": server.model_name, "prompt": "Once upon a time", "max_tokens": 30000, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+
+    def run():
+        with httpx.stream("POST", f"{server.url}/openai/v1/completions", json=body, timeout=120) as response:
+            for _ in response.iter_lines():
+                if release.is_set():
+                    break
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def test_full_queue_answers_429_and_server_stays_up(tiny_llama, tmp_path):
-    server = start(tiny_llama, tmp_path / "server.log", "--max_num_seqs=1", "--max_queue=1", "--max_model_len=2048")
+    server = start(tiny_llama, tmp_path / "server.log", "--max_num_seqs=1", "--max_queue=1",
+                   "--max_model_len=32768")
+    release = threading.Event()
     try:
-        clients = [abandoned_request(server, patience=5)]
+        clients = [held_stream(server, release)]
         wait_for_metric(server, "predictor_num_requests_running", 1)
-        clients.append(abandoned_request(server, patience=5))
+        clients.append(held_stream(server, release))
         wait_for_metric(server, "predictor_num_requests_waiting", 1)
         refused = predict(server, {"max_new_tokens": 4})
         assert refused.status_code == 429, refused.text
         assert "max_queue" in refused.text and refused.headers["retry-after"]
+        release.set()
         for client in clients:
             client.join()
         wait_for_metric(server, "predictor_num_requests_running", 0)
         assert predict(server, {"max_new_tokens": 4}).status_code == 200
     finally:
+        release.set()
         server.stop()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import torch
 from models import greedy_reference
-from servers import REPO, launch, start, wait_ready
+from servers import REPO, launch, metric, start, wait_ready
 from test_tensor_parallel import ranks_of
 
 from predictor.api.dialogs import SPECIAL_TAGS_ERROR
@@ -515,12 +514,6 @@ def test_openapi_documents_the_kaito_bodies(tiny):
 # ---- shutdown: keep these last, they stop the servers -----------------------------------------------------------
 
 
-def running_requests(server) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    found = re.search(r"^predictor_num_requests_running (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
 def shutdown_with_a_request_in_flight(server) -> None:
     """A request running when /shutdown comes finishes in full; one sent after gets 503; the server exits."""
     body = {"prompts": ["Once upon a time"], "parameters": {"max_gen_len": 160, "temperature": 0}}
@@ -528,7 +521,7 @@ def shutdown_with_a_request_in_flight(server) -> None:
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(post, server, "/generate", body)
         deadline = time.monotonic() + 60
-        while running_requests(server) < 1:
+        while metric(server, "predictor_num_requests_running") < 1:
             assert not in_flight.done(), "the request finished before shutdown could be sent"
             assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.01)

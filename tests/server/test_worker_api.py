@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
-import time
 
 import httpx
 import pytest
 import torch
 from models import greedy_reference
+from servers import metric, wait_for_metric
 
 PROMPT = "Once upon a time"
 
@@ -24,12 +23,6 @@ def stream_chunks(server, body: dict) -> list[dict]:
         raw = response.read()
     assert raw.endswith(b"\0")
     return [json.loads(part) for part in raw.split(b"\0")[:-1]]
-
-
-def metric(server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def greedy_after_ids(reference, prompt_ids: list[int], max_new_tokens: int) -> str:
@@ -188,16 +181,13 @@ def test_bad_bodies_are_4xx_naming_the_field(server, override, named):
 
 def test_disconnect_mid_stream_cancels_the_generation(server):
     body = {"prompt": PROMPT, "temperature": 0, "max_new_tokens": 490, "echo": False}
-    cancelled_before = metric(server, 'predictor_request_finished_total{finished_reason="cancelled"}')
+    cancelled_before = metric(server, 'predictor_request_finished_total{finished_reason="cancelled"}', absent=0)
     with httpx.stream("POST", f"{server.url}/worker_generate_stream", json=body, timeout=60) as response:
         assert response.status_code == 200
         chunks = response.iter_raw()
         next(chunks)
         next(chunks)  # generating; now hang up
-    deadline = time.monotonic() + 30
-    while metric(server, "predictor_num_requests_running") != 0.0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert metric(server, "predictor_num_requests_running") == 0.0
+    wait_for_metric(server, "predictor_num_requests_running", 0, timeout=30)
     assert metric(server, 'predictor_request_finished_total{finished_reason="cancelled"}') == cancelled_before + 1
     assert generate(server, {"prompt": PROMPT, "max_new_tokens": 2}).status_code == 200
 
