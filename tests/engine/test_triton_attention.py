@@ -128,11 +128,17 @@ def eager_step(packed_offset, lengths, width, decode_start, k_cache, heads, bloc
     batch = len(lengths)
     tables = torch.arange(batch * width).remainder(k_cache.shape[0])
     packed = torch.cat([torch.zeros(packed_offset, dtype=torch.int64), torch.tensor(lengths), tables])
-    seq_lens = packed[packed_offset:packed_offset + batch]
-    block_tables = packed[packed_offset + batch:].view(batch, width)
     assert max(lengths) <= width * block_size
     queries = torch.randn(heads, decode_start + batch, k_cache.shape[-1], dtype=k_cache.dtype).transpose(0, 1)
+    packed, queries = packed.to(k_cache.device), queries.to(k_cache.device)
+    seq_lens = packed[packed_offset:packed_offset + batch]
+    block_tables = packed[packed_offset + batch:].view(batch, width)
     return queries[decode_start:], block_tables, seq_lens
+
+
+# (offset of the lengths in the packed tensor, lengths, table width, first decode row in the step's queries)
+EAGER_STEPS = [(5, [1], 1, 0), (6, [3, 0, 17], 2, 3), (7, [200, 5], 13, 1), (8, [9] * 9, 3, 6), (9, [1], 33, 2),
+               (10, [16, 31], 2, 5)]
 
 
 def test_varied_eager_steps_launch_only_the_variants_warm_up_compiled(launch_keys):
@@ -145,13 +151,11 @@ def test_varied_eager_steps_launch_only_the_variants_warm_up_compiled(launch_key
     warmed = {(name, key) for name, key, _ in launch_keys}
     assert len(warmed) == 3  # attention with and without splits, and the merge
     launch_keys.clear()
-    steps = [(5, [1], 1, 0), (6, [3, 0, 17], 2, 3), (7, [200, 5], 13, 1), (8, [9] * 9, 3, 6), (9, [1], 33, 2),
-             (10, [16, 31], 2, 5)]
-    for packed_offset, lengths, width, decode_start in steps:
+    for packed_offset, lengths, width, decode_start in EAGER_STEPS:
         q, tables, seq_lens = eager_step(packed_offset, lengths, width, decode_start, k_cache, heads, block_size)
         triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.25)
     attention = [args for name, _, args in launch_keys if name == "_paged_decode_kernel"]
-    assert len(attention) == len(steps)
+    assert len(attention) == len(EAGER_STEPS)
     assert {args[3].data_ptr() % 16 for args in attention} == {0, 8}  # tables and lengths at both alignments
     assert {args[4].data_ptr() % 16 for args in attention} == {0, 8}
     assert {1, 2, 13, 33} <= {args[15] for args in attention}  # the block table's row stride, 1 included
