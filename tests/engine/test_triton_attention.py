@@ -146,7 +146,7 @@ def test_varied_eager_steps_launch_only_the_variants_warm_up_compiled(launch_key
     1 to 9 rows and whose queries' strides change: Triton would key every one of their launches like one of
     warm_up's, so nothing compiles under traffic."""
     heads, kv_heads, head_dim, block_size = 4, 2, 16, 16
-    k_cache = v_cache = torch.randn(40, block_size, kv_heads, head_dim)
+    k_cache = v_cache = torch.randn(40, block_size, kv_heads, head_dim, device=DEVICE)
     triton_attention.warm_up(k_cache, v_cache, heads)
     warmed = {(name, key) for name, key, _ in launch_keys}
     assert len(warmed) == 3  # attention with and without splits, and the merge
