@@ -26,8 +26,7 @@ import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TILE_TOKENS = 64
-INTERPRETED_PROGRAMS = 16  # the programs a split aims for when there is no GPU to fill (tests)
-
+INTERPRETED_PROGRAMS = 16  # the grid size splitting aims for without a GPU (the interpreter's tests)
 
 
 @triton.jit
