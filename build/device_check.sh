@@ -13,6 +13,7 @@ if [ "$what" != bench ]; then
   python3 -m pytest -q -m gpu tests/engine -p no:cacheprovider 2>&1 | tail -40 | tee "$out/gpu-tests.txt"
 fi
 if [ "$what" != tests ]; then
+  python3 -m predictor.tools.bench.kernel 2>&1 | tail -40 | tee "$out/kernel.txt"  # the decode kernel alone
   for shape in $shapes; do
     # The workload: 128-token prompts, 128 new tokens, ignore_eos; 1 and 64 streams, then 64 sampling.
     python3 -m predictor bench --device cuda --dtype bfloat16 --shape "$shape" --concurrency 1,64 \

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from servers import predictor_env
 
 from predictor.__main__ import main
+from predictor.tools.bench import kernel as kernel_bench
 from predictor.tools.bench.workload import build_workload, parse_range
 
 NUMBER = r"\d+(?:\.\d+)?"
@@ -45,3 +47,10 @@ def test_quick_bench_writes_table_plot_and_ratio(tiny_llama, tmp_path, capsys, m
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert all(re.fullmatch(NUMBER, cell) and float(cell) > 0 for cell in cells), row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA it measures the kernel (build/device_check.sh)")
+def test_kernel_bench_says_it_needs_cuda_and_succeeds_without_it(capsys):
+    assert kernel_bench.main() == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "needs CUDA" in line
