@@ -10,8 +10,8 @@ downloaded here).
 The script validates the weights, stages build/context/, writes model/model-manifest.json there, builds
 with docker buildx, podman or buildah, whichever works first, and prints the image's size. Registry
 credentials come from the engine's own login, or REGISTRY_USERNAME / REGISTRY_PASSWORD for a login just
-before the push; they never reach the build. Exit codes: 0 built, 1 bad input or a failed build, 3 no
-container engine (the command is printed).
+before the push; they never reach the build. Exit codes: 0 built, 1 bad input or a failed build, 2 the base
+image cannot be pulled (what to do instead is printed), 3 no container engine (the command is printed).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ BUILD_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BUILD_DIR.parent
 sys.path[:0] = [str(REPO_ROOT), str(BUILD_DIR)]
 
-from engines import EXIT_NO_ENGINE, image_size_bytes, pick_engine  # noqa: E402 - after the sys.path insert
+from base_image import DEFAULT_TAG as LOCAL_BASE_IMAGE  # noqa: E402 - after the sys.path insert
+from engines import EXIT_NO_ENGINE, image_size_bytes, pick_engine, pull_failure  # noqa: E402
 
 from predictor.tools.catalog import CatalogError, load_catalog  # noqa: E402
 from predictor.tools.manifest import (  # noqa: E402
@@ -48,6 +49,7 @@ CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 CMD_PLACEHOLDER = '"--model_name=model"'
 WHEELS_DIR = "wheels"  # in the context: wheels the builder stage prefers to its indexes (a CPU torch)
 CA_BUNDLE = "ca/bundle.crt"  # in the context: the CA certificates the builder stage's pip trusts
+EXIT_NO_BASE = 2
 CATALOG_FACTS = ("architecture", "num_hidden_layers", "hidden_size", "num_attention_heads",
                  "num_key_value_heads", "vocab_size")
 
@@ -298,6 +300,22 @@ def prepare(args: argparse.Namespace, context_dir: Path) -> dict[str, str]:
     return build_args
 
 
+def base_of(build_args: dict[str, str]) -> str:
+    """The image both stages build on: the BASE_IMAGE build arg, else the Dockerfile's default."""
+    if "BASE_IMAGE" in build_args:
+        return build_args["BASE_IMAGE"]
+    match = re.search(r"(?m)^ARG BASE_IMAGE=(\S+)", (REPO_ROOT / "build" / "Dockerfile").read_text())
+    if not match:
+        raise BuildError("build/Dockerfile: no `ARG BASE_IMAGE=<default>` line")
+    return match.group(1)
+
+
+def no_base_hint(base: str, reason: str) -> str:
+    return (f"cannot pull the base image {base} ({reason}): make a local Debian base with `make base-image` and "
+            f"build on it with BASE_IMAGE={LOCAL_BASE_IMAGE}, or name a copy you can reach with "
+            f"BASE_IMAGE=<registry>/<image>; add TORCH_WHEEL=<torch-*.whl> where PyTorch's index is out of reach too")
+
+
 def display(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
@@ -315,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"where docker works, run from the directory that holds {context}:\n  "
                   + shlex.join(command), file=sys.stderr)
             return EXIT_NO_ENGINE
+        base = base_of(build_args)
+        print(f"checking that {engine} has or can pull the base image {base}", flush=True)
+        if (reason := pull_failure(engine, base, args.platform)) is not None:
+            print(f"error: {no_base_hint(base, reason)}", file=sys.stderr)
+            return EXIT_NO_BASE
         if args.push:
             login_from_env(engine, args.tag)
         started = time.monotonic()

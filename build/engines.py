@@ -52,6 +52,22 @@ def inspect_image(engine: str, image: str) -> dict | None:
     return described[0] if isinstance(described, list) else described
 
 
+def pull_failure(engine: str, image: str, platform: str | None = None) -> str | None:
+    """Why the engine cannot have `image` to build on, in its own words (its last line of error); None when it has
+    the image or can pull it. podman and buildah pull it now, as their build would have; for docker, buildx asks the
+    registry for the manifest only, since its builder may keep its own store."""
+    if inspect_image(engine, image) is not None:
+        return None
+    if engine == "docker":
+        command = ["docker", "buildx", "imagetools", "inspect", image]
+    else:
+        command = [engine, "pull", "--quiet", *(["--platform", platform] if platform else []), image]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        return None
+    return (result.stderr.strip().splitlines() or [f"{command[0]} exited with {result.returncode}"])[-1]
+
+
 def image_config(engine: str, image: str) -> dict:
     """The image's config (Entrypoint, Cmd, User, Env, Labels); an empty dict when there is no such image."""
     described = inspect_image(engine, image) or {}

@@ -76,30 +76,32 @@ def _values_args(values_files: tuple[str, ...], overrides: dict | None, tmpdir: 
     return args
 
 
-def template(*values_files: str, overrides: dict | None = None, release: str = "t",
+def template(*values_files: str, overrides: dict | None = None, sets: tuple[str, ...] = (), release: str = "t",
              namespace: str = "llm") -> list[dict[str, Any]]:
-    """`helm template` the chart; the rendered objects (empty documents dropped)."""
+    """`helm template` the chart; the rendered objects (empty documents dropped). `sets` are `--set` arguments,
+    typed as helm types them on a command line."""
     key = yaml.safe_dump(overrides) if overrides else ""
-    return copy.deepcopy(list(_template_cached(values_files, key, release, namespace)))  # callers may mutate
+    return copy.deepcopy(list(_template_cached(values_files, key, sets, release, namespace)))  # callers may mutate
 
 
 @cache
-def _template_cached(values_files: tuple[str, ...], overrides_yaml: str, release: str,
+def _template_cached(values_files: tuple[str, ...], overrides_yaml: str, sets: tuple[str, ...], release: str,
                      namespace: str) -> tuple[dict[str, Any], ...]:
     overrides = yaml.safe_load(overrides_yaml) if overrides_yaml else None
     with tempfile.TemporaryDirectory() as tmpdir:
         out = _run_helm(["template", release, str(CHART), "-n", namespace,
-                         *_values_args(values_files, overrides, tmpdir)])
+                         *_values_args(values_files, overrides, tmpdir), *(f"--set={s}" for s in sets)])
     return tuple(doc for doc in yaml.safe_load_all(out) if doc)
 
 
-def template_error(*values_files: str, overrides: dict | None = None) -> str:
+def template_error(*values_files: str, overrides: dict | None = None, sets: tuple[str, ...] = ()) -> str:
     """Render expecting failure; helm's error message."""
     try:
-        template(*values_files, overrides=overrides)
+        template(*values_files, overrides=overrides, sets=sets)
     except HelmError as err:
         return str(err)
-    raise AssertionError(f"helm template succeeded but should have failed (values {values_files}, {overrides})")
+    raise AssertionError(f"helm template succeeded but should have failed (values {values_files}, {overrides}, "
+                         f"--set {sets})")
 
 
 def install_notes(*values_files: str, overrides: dict | None = None, release: str = "t",
@@ -116,7 +118,7 @@ def render_extra(template_text: str, *values_files: str, overrides: dict | None 
     printed, parsed as YAML (JSON is YAML too)."""
     with tempfile.TemporaryDirectory() as tmpdir:
         chart = Path(tmpdir) / "llm-predictor"
-        shutil.copytree(CHART, chart)  # follows the catalog.yaml symlink, as `helm package` does
+        shutil.copytree(CHART, chart)
         (chart / "templates" / "zz-test-extra.yaml").write_text(template_text)
         out = _run_helm(["template", "t", str(chart), "-n", "llm", "--show-only", "templates/zz-test-extra.yaml",
                          *_values_args(values_files, overrides, tmpdir)])

@@ -62,6 +62,23 @@ def test_pull_secret_misconfiguration(pull_secret, message):
     assert message in ch.template_error(BASE, overrides={"pullSecret": pull_secret})
 
 
+def test_pull_secret_existing_given_as_a_string_shows_the_list_form():
+    """Issue 20: `--set pullSecret.existing=regcred` got the schema's bare "got string, want array"."""
+    error = ch.template_error(BASE, sets=("pullSecret.existing=regcred",))
+    assert 'pullSecret.existing is a list of Secret names, not the string "regcred"' in error
+    assert "--set 'pullSecret.existing={regcred}'" in error and "existing: [regcred]" in error
+    assert _pull_secret_names(ch.template(BASE, sets=("pullSecret.existing={regcred}",))) == ["regcred"]
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    (("pullSecret.existing={regcred,}",), 'pullSecret.existing[1] is empty (got ["regcred",""])'),
+    (("pullSecret.existing[0]= ",), 'pullSecret.existing[0] is empty (got [" "])'),
+])
+def test_pull_secret_existing_with_an_empty_name_names_it(given, message):
+    error = ch.template_error("examples/demo-cpu.yaml", sets=given)
+    assert message in error and "each entry names an image pull Secret in the release namespace" in error
+
+
 def test_no_pull_secret_at_all():
     objects = ch.template("examples/demo-cpu.yaml")
     assert "imagePullSecrets" not in isvc_of(objects)["spec"]["predictor"]

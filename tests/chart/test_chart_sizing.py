@@ -50,6 +50,33 @@ def test_misconfiguration_fails_with_a_clear_message(overrides, message):
     assert message in error
 
 
+GPU_NODE_AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+    {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]}]}}}
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    ({}, "nodeSelector nvidia.com/gpu.product, toleration nvidia.com/gpu"),  # the example's own
+    ({"nodeSelector": None, "tolerations": None, "affinity": GPU_NODE_AFFINITY},
+     "required node affinity nvidia.com/gpu.present"),
+])
+def test_cpu_only_refuses_scheduling_that_still_targets_gpu_nodes(overrides, named):
+    """Issue 20: gpu.enabled=false on a GPU example rendered silently, its GPU nodeSelector and toleration kept."""
+    error = ch.template_error(BASE, overrides={**overrides, "gpu": {"enabled": False}})
+    assert f"gpu.enabled=false runs the model on CPU, but the values still steer the pods to GPU nodes ({named})" \
+        in error
+    assert "--set nodeSelector=null,tolerations=null" in error
+
+
+def test_cpu_only_renders_once_the_gpu_scheduling_is_removed():
+    objects = ch.template(BASE, sets=("gpu.enabled=false", "nodeSelector=null", "tolerations=null"))
+    predictor = ch.isvc_of(objects)["spec"]["predictor"]
+    assert "nodeSelector" not in predictor and "tolerations" not in predictor
+    assert "nvidia.com/gpu" not in str(container_of(objects)["resources"])
+    cpu_pool = {"nodeSelector": {"kubernetes.io/arch": "amd64"}, "tolerations": [{"key": "pool", "operator": "Exists"}]}
+    predictor = ch.isvc_of(ch.template("examples/demo-cpu.yaml", overrides=cpu_pool))["spec"]["predictor"]
+    assert predictor["nodeSelector"] == cpu_pool["nodeSelector"] and predictor["tolerations"] == cpu_pool["tolerations"]
+
+
 @pytest.mark.parametrize("name", sorted(CATALOG))
 def test_sizing_agrees_with_the_catalog(name):
     """At the catalog's default TP and the default KV estimate, a GPU needs the catalog's gpu_memory_bytes / tp:
@@ -104,7 +131,8 @@ def test_gpu_memory_utilization_is_passed_on_gpus_only():
     assert args_of(container_of(ch.template(BASE)))["gpu_memory_utilization"] == "0.9"
     args = args_of(container_of(ch.template(BASE, overrides={"model": {"gpuMemoryUtilization": 0.95}})))
     assert args["gpu_memory_utilization"] == "0.95" and "kv_cache_bytes" not in args
-    args = args_of(container_of(ch.template(BASE, overrides={"gpu": {"enabled": False}, "model": {"device": "cpu"}})))
+    cpu_only = {"gpu": {"enabled": False}, "model": {"device": "cpu"}, "nodeSelector": None, "tolerations": None}
+    args = args_of(container_of(ch.template(BASE, overrides=cpu_only)))
     assert "gpu_memory_utilization" not in args and "kv_cache_bytes" not in args
 
 

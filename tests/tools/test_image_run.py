@@ -57,6 +57,42 @@ if subprocess.run([system_python, "-c", "import pip"], capture_output=True).retu
 print(json.dumps(found))
 """
 
+# Run inside the image as its user: what Triton does on a GPU at the first launch of a kernel, as far as a CPU
+# image allows. The predictor's decode kernel runs in Triton's interpreter against plain torch attention; then
+# Triton's own launcher source (what CudaLauncher compiles per kernel) is built by triton.runtime.build with the
+# compiler and Python.h Triton finds, into an empty cache, and imported. There is no libcuda.so.1 here, so the
+# link leaves its symbols open and the import resolves them lazily (on a GPU they resolve at the first launch).
+TRITON_BUILDS_ITS_LAUNCHER = r"""
+import json, os, shutil, sys, sysconfig, tempfile
+os.environ["TRITON_INTERPRET"] = "1"  # read when predictor.engine.triton_attention is imported
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # empty: the launcher is compiled now, not found
+import torch
+from triton.backends.nvidia import driver
+from triton.runtime.build import compile_module_from_src
+from predictor.engine.triton_attention import paged_decode_attention
+
+generator = torch.Generator().manual_seed(0)
+heads, kv_heads, dim, block, length = 4, 2, 16, 16, 20
+k_cache, v_cache = (torch.randn(4, block, kv_heads, dim, generator=generator) for _ in range(2))
+q = torch.randn(1, heads, dim, generator=generator)
+table = torch.tensor([[2, 0]])
+out = paged_decode_attention(q, k_cache, v_cache, table, torch.tensor([length]), 0.25)
+keys, values = (cache[table[0]].flatten(0, 1)[:length].repeat_interleave(heads // kv_heads, dim=1)
+                for cache in (k_cache, v_cache))
+weights = torch.softmax(torch.einsum("hd,thd->ht", q[0], keys) * 0.25, dim=-1)
+expected = torch.einsum("ht,thd->hd", weights, values)
+
+compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")  # triton.runtime.build's order
+scheme = sysconfig.get_default_scheme()
+include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+source = driver.make_launcher({}, {0: "*fp32", 1: "*fp32", 2: "i32"}, None)
+sys.setdlopenflags(os.RTLD_LAZY)
+launcher = compile_module_from_src(source, "__triton_launcher", include_dirs=driver.include_dirs)
+print(json.dumps({"kernel_max_error": (out[0] - expected).abs().max().item(), "compiler": compiler,
+                  "python_h": os.path.isfile(os.path.join(include, "Python.h")) and include,
+                  "launcher": launcher.__file__, "launch": callable(launcher.launch)}))
+"""
+
 # Run inside the image as its user: every way of changing /mnt/models; each one must be refused.
 TRY_TO_CHANGE_WEIGHTS = r"""
 import json, os
@@ -314,10 +350,23 @@ def test_the_weights_cannot_be_changed_from_inside(demo_image):
     assert result["outcome"] == {what: "PermissionError" for what in ("create", "append", "unlink", "rename", "chmod")}
 
 
-def test_no_compiler_and_no_pip_outside_the_venv(demo_image):
+def test_no_pip_outside_the_venv_and_no_compiler_beyond_gcc(demo_image):
     found = run_python(demo_image, FIND_BUILD_TOOLS)
-    assert found["compilers"] == [] and found["pip"] == []
+    assert found["pip"] == []
     assert "/opt/venv/bin/pip" in found["pip_in_venv"], "the search finds pip where it is allowed"
+    assert "/usr/bin/gcc" in found["compilers"], "the search finds the compiler Triton uses"
+    assert [path for path in found["compilers"] if "++" in path or "clang" in path or "cc1plus" in path] == []
+
+
+def test_triton_builds_its_launcher_in_the_image(demo_image, report):
+    """Issue 18: without a C compiler and Python.h the first kernel launch on a GPU (the graph warm-up) fails
+    and the pod crash-loops."""
+    result = run_python(demo_image, TRITON_BUILDS_ITS_LAUNCHER)
+    report(f"triton in the image: {json.dumps(result)}")
+    assert result["kernel_max_error"] < 1e-5
+    assert result["compiler"] == "/usr/bin/gcc"
+    assert result["python_h"], "Python.h is where Triton looks for it"
+    assert result["launcher"].endswith(".so") and result["launch"]
 
 
 def test_torch_is_the_cpu_build(demo_image):

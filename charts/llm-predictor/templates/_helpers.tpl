@@ -131,12 +131,20 @@ llm-predictor.pullSecretName: the name of the chart-created pull Secret.
 
 {{/*
 llm-predictor.imagePullSecrets: the imagePullSecrets list (YAML "- name: ..." lines): the existing
-Secrets, then the chart-created one; empty when there is none.
+Secrets, then the chart-created one; empty when there is none. Fails when pullSecret.existing is a string
+(`--set pullSecret.existing=regcred`, which the schema lets through for this message) or names an empty Secret.
 */}}
 {{- define "llm-predictor.imagePullSecrets" -}}
+{{- $existing := .Values.pullSecret.existing | default list }}
+{{- if kindIs "string" $existing }}
+{{- fail (printf "pullSecret.existing is a list of Secret names, not the string %q: --set 'pullSecret.existing={%s}' (braces make a list, commas separate names; quote it for the shell), or existing: [%s] under pullSecret in a values file" $existing $existing $existing) }}
+{{- end }}
 {{- $names := list }}
-{{- range .Values.pullSecret.existing }}
-{{- $names = append $names . }}
+{{- range $i, $name := $existing }}
+{{- if not (trim $name) }}
+{{- fail (printf "pullSecret.existing[%d] is empty (got %s): each entry names an image pull Secret in the release namespace, e.g. --set 'pullSecret.existing={regcred}'" $i (toJson $existing)) }}
+{{- end }}
+{{- $names = append $names $name }}
 {{- end }}
 {{- if include "llm-predictor.createPullSecret" . }}
 {{- $names = append $names (include "llm-predictor.pullSecretName" .) }}

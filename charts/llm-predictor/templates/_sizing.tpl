@@ -74,13 +74,15 @@ gpuMemoryUtilization, the most the predictor can give the KV cache: that share o
 weights (the activations of its profiling forward come off that too).
 Call it through llm-predictor.plan, which computes it once per render.
 
-It reads the model's entry from catalog.yaml (the image build's catalog, symlinked into the chart and
-packaged with it) or model.custom, and fails the install with a clear message when
+It reads the model's entry from catalog.yaml (a copy of the image build's catalog,
+predictor/tools/catalog.yaml; the chart's tests check they are the same) or model.custom, and fails the install with a clear message when
   - the tensor parallel size does not divide the attention heads and the KV heads,
   - a pod would need more GPUs than a node has,
   - one GPU cannot hold its share of the weights plus the KV cache estimate plus overhead,
   - model.gpuMemoryUtilization of a GPU cannot hold its share of the weights plus one sequence,
-  - or the replica / multi-node settings contradict each other.
+  - the replica / multi-node settings contradict each other,
+  - or, with gpu.enabled=false, the nodeSelector, tolerations or required node affinity still name the GPU
+    vendor's labels (the domain of gpu.resourceName, e.g. nvidia.com/).
 Every number from values or the catalog arrives as float64 (Helm decodes YAML numbers so).
 */}}
 {{- define "llm-predictor.computePlan" -}}
@@ -141,6 +143,28 @@ Every number from values or the catalog arrives as float64 (Helm decodes YAML nu
 {{- fail (printf "each of the %d nodes needs %d GPUs (tensor parallel size %d / %d nodes) but gpu.perNode is %d: raise multiNode.nodes" $nodes $gpusPerPod $tp $nodes (int $v.gpu.perNode)) }}
 {{- else }}
 {{- fail (printf "tensor parallel size %d needs %d GPUs in one pod but gpu.perNode is %d: use multiNode.enabled=true with multiNode.nodes=%d, or a smaller model.tensorParallelSize if the model fits (see the sizing check)" $tp $tp (int $v.gpu.perNode) (int (ceil (divf $tp $v.gpu.perNode)))) }}
+{{- end }}
+{{- end }}
+
+{{- /* ---- CPU only: nothing may still steer the pods to GPU nodes (the GPU examples' nodeSelector and
+     tolerations), where a pod would hold a GPU node without asking for its GPUs ---- */}}
+{{- if not $v.gpu.enabled }}
+{{- $domain := printf "%s/" (first (splitList "/" $v.gpu.resourceName)) }}
+{{- $gpuScheduling := list }}
+{{- range $key, $_ := ($v.nodeSelector | default dict) }}
+{{- if hasPrefix $domain $key }}{{ $gpuScheduling = append $gpuScheduling (printf "nodeSelector %s" $key) }}{{ end }}
+{{- end }}
+{{- range ($v.tolerations | default list) }}
+{{- if hasPrefix $domain (.key | default "") }}{{ $gpuScheduling = append $gpuScheduling (printf "toleration %s" .key) }}{{ end }}
+{{- end }}
+{{- $required := dig "nodeAffinity" "requiredDuringSchedulingIgnoredDuringExecution" "nodeSelectorTerms" list ($v.affinity | default dict) }}
+{{- range $required }}
+{{- range (.matchExpressions | default list) }}
+{{- if hasPrefix $domain .key }}{{ $gpuScheduling = append $gpuScheduling (printf "required node affinity %s" .key) }}{{ end }}
+{{- end }}
+{{- end }}
+{{- with $gpuScheduling }}
+{{- fail (printf "gpu.enabled=false runs the model on CPU, but the values still steer the pods to GPU nodes (%s), where they would occupy a GPU node without its GPUs: remove those (e.g. --set nodeSelector=null,tolerations=null; examples/demo-cpu.yaml is a CPU release), or set gpu.enabled=true" (join ", " (uniq .))) }}
 {{- end }}
 {{- end }}
 
