@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         f"(the default on the CPU is {CPU_KV_CACHE_BYTES // 2**30}GiB)."
     )
     block_size: Literal[16, 32, 64, 128] = Field(16, description="Tokens per KV cache block.")
+    enforce_eager: bool = Field(
+        False, description="CUDA: capture no CUDA graphs; every step runs eagerly (vLLM's flag). Graphs replay "
+        "decode-only steps of up to 512 sequences; their memory comes out of the KV cache's budget."
+    )
     max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step.")
     chat_template: str | None = Field(None, description=f"One of {BUILTIN_CHAT_TEMPLATES} or a Jinja file.")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="Larger request bodies are refused with 413.")
