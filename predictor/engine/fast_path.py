@@ -161,7 +161,7 @@ def warm_up_decode_kernel(runner) -> None:
     device, dtype = runner.device, runner.dtype
     cache = torch.zeros(2, runner.block_size, runner.kv_heads, runner.head_dim, dtype=dtype, device=device)
     q = torch.zeros(1, runner.kv_heads * group, runner.head_dim, dtype=dtype, device=device)
-    tables = torch.ones(1, 1, dtype=torch.int64, device=device)
+    tables = torch.ones(1, runner.max_blocks_per_seq, dtype=torch.int64, device=device)  # the graphs' table width
     lengths = torch.full((1,), runner.block_size, dtype=torch.int64, device=device)
     out = paged_decode_attention(q, cache, cache, tables, lengths, runner.head_dim ** -0.5)
     if out.shape != q.shape or not bool(torch.isfinite(out).all()):

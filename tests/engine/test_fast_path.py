@@ -48,6 +48,20 @@ def test_a_failed_capture_leaves_one_log_line_and_an_eager_runner_with_generates
     assert outputs == [generate(runner.model, p, STEPS) for p in PROMPTS]
 
 
+def test_a_failed_capture_that_left_the_device_broken_still_fails_the_start(monkeypatch):
+    """Readiness stays honest: after the failure the device is checked with a tiny operation, here failing as a
+    sticky CUDA error would (the one stand-in of this file: a CPU cannot break that way)."""
+    monkeypatch.setenv(FAIL_CAPTURE_ENV, "1")
+    runner = llama_runner()
+
+    def broken_device():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner, "check_device", broken_device)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        FastPath(runner, enforce_eager=False, max_num_seqs=4).prepare()
+
+
 def test_enforce_eager_captures_nothing_and_says_so(monkeypatch, caplog):
     monkeypatch.setenv(FAIL_CAPTURE_ENV, "1")  # would fail any capture: none is attempted
     runner = llama_runner()
