@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(256, ge=1, le=4096, description="Sequences decoded together in one batch.")
     max_queue: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
     gpu_memory_utilization: float = Field(
-        0.90, gt=0.0, le=1.0, description="CUDA: share of the device's memory for weights, activations and the KV "
-        "cache, which gets what the weights and the largest step leave (as vLLM does)."
+        0.90, gt=0.0, le=1.0, description="CUDA: share of the device's memory for weights, activations, CUDA graphs "
+        "and the KV cache, which gets what the weights, the worst step (as vLLM does) and the graphs leave."
     )
     kv_cache_bytes: ByteSize | None = Field(
         None, gt=0, description="KV cache per rank, e.g. 2GiB, instead of sizing it from gpu_memory_utilization "

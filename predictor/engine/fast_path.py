@@ -106,7 +106,7 @@ class FastPath:
         """Why this runner cannot have graphs, or None."""
         runner = self.runner
         if self.enforce_eager:
-            return "--enforce_eager"
+            return "--enforce_eager" + (f"; {self._kernel_off()}" if self.kernel_error else "")
         if capture_fault_injected():
             return None  # the capture runs on any device, to fail where it records
         if runner.device.type != "cuda":
@@ -114,13 +114,16 @@ class FastPath:
         if not runner.paged:
             return f"{type(runner.model).__name__} attends with its own code, not the paged attention"
         if self.kernel_error:
-            return f"the Triton decode kernel is unusable ({self.kernel_error}); decodes take the gather path"
+            return self._kernel_off()
         if not runner.use_triton:
             return "Triton is not installed; decodes take the gather path"
         if not _logits_computed_outside_match(runner):
             return (f"{type(runner.model).__name__}'s logits are not its output embedding of the hidden states, "
                     "which graphs compute after replay")
         return None
+
+    def _kernel_off(self) -> str:
+        return f"the Triton decode kernel is unusable ({self.kernel_error}); decodes take the gather path"
 
     def _capture(self) -> int | None:
         """Every bucket's graph over the runner's cache; the device memory they took, or None (and the runner
