@@ -15,6 +15,8 @@
 # The device machine has torch + CUDA + triton, not our other packages, and no network. Before the call, here:
 #   ../shared/device/fetch-wheels                  # our wheels into .whl/
 #   mkdir -p .cache/vocab && cp ../shared/tokenizers/ggml-vocab-llama-spm.gguf .cache/vocab/   # the tokenizer
+# (.whl over the call's 64 MiB? these checks import only the server's own packages: the test tools' wheels,
+# guidellm datasets schemathesis langchain-* hypothesis* faker sanic*, can go.)
 # The call (device tool): run(command="bash build/device_check.sh", carry=[".whl", ".cache/vocab"], timeout_s=600)
 #   bash build/device_check.sh [tests|bench|all] [shape ...]     (default: all, both shapes)
 set -uo pipefail
