@@ -4,9 +4,9 @@ copied into their static buffers.
 The buckets share those buffers (nano-vllm's way): token ids, positions, slots and lengths, the block tables, and
 one output buffer of hidden states [largest bucket, hidden]; the graph of `size` rows works on their first `size`
 rows. A graph ends at the base model's last hidden state: the logits are computed after replay, for the sampled
-rows only, so that no bucket holds a [size, vocab] logits tensor of its own (34 GB at 4096 rows and a 32k vocab
-in fp32). Buckets stop at 512 rows; a larger decode batch runs eagerly, where the launch overhead that graphs
-save is small beside the step's own work.
+rows only, so that no bucket holds a [size, vocab] logits tensor of its own (all buckets together: 2 GB at 1024
+sequences, 34 GB at 4096, in bf16 with a 32k vocab). Buckets stop at 512 rows; a larger decode batch runs
+eagerly, where the launch overhead that graphs save is small beside the step's own work.
 
 Rows past a step's batch are padding: they write to the scratch block and attend over nothing (length 0).
 """
