@@ -46,14 +46,18 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(256, ge=1, le=4096, description="Sequences decoded together in one batch.")
     max_queue: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
     gpu_memory_utilization: float = Field(
-        0.90, gt=0.0, le=1.0, description="CUDA: share of the device's memory for weights, activations and the KV "
-        "cache, which gets what the weights and the largest step leave (as vLLM does)."
+        0.90, gt=0.0, le=1.0, description="CUDA: share of the device's memory for weights, activations, CUDA graphs "
+        "and the KV cache, which gets what the weights, the worst step (as vLLM does) and the graphs leave."
     )
     kv_cache_bytes: ByteSize | None = Field(
         None, gt=0, description="KV cache per rank, e.g. 2GiB, instead of sizing it from gpu_memory_utilization "
         f"(the default on the CPU is {CPU_KV_CACHE_BYTES // 2**30}GiB)."
     )
     block_size: Literal[16, 32, 64, 128] = Field(16, description="Tokens per KV cache block.")
+    enforce_eager: bool = Field(
+        False, description="CUDA: capture no CUDA graphs; every step runs eagerly (vLLM's flag). Graphs replay "
+        "decode-only steps of up to 512 sequences; their memory comes out of the KV cache's budget."
+    )
     max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step.")
     chat_template: str | None = Field(None, description=f"One of {BUILTIN_CHAT_TEMPLATES} or a Jinja file.")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="Larger request bodies are refused with 413.")

@@ -1,6 +1,6 @@
 """How many KV cache blocks a rank gets: from --kv_cache_bytes if given, else, on CUDA, what
---gpu_memory_utilization of the device leaves after the weights and the largest step (vLLM's rule), and never
-more than max_num_seqs sequences of max_model_len could use."""
+--gpu_memory_utilization of the device leaves after the weights, the worst step (vLLM's rule) and the decode CUDA
+graphs, and never more than max_num_seqs sequences of max_model_len could use."""
 
 from __future__ import annotations
 
@@ -30,12 +30,14 @@ class KVCachePlan:
         return (self.num_blocks - 1) * self.block_size
 
 
-def plan_kv_cache(runner: ModelRunner, settings: Settings, max_model_len: int) -> KVCachePlan:
+def plan_kv_cache(runner: ModelRunner, settings: Settings, max_model_len: int, graph_bytes: int = 0) -> KVCachePlan:
+    """graph_bytes: what the CUDA graphs took when measured (FastPath.prepare), taken from a gpu_memory_utilization
+    budget (an explicit kv_cache_bytes is the cache's size, whatever the graphs take)."""
     block_size, block_bytes = settings.block_size, runner.kv_bytes_per_block
     if settings.kv_cache_bytes is not None:
         budget, source = int(settings.kv_cache_bytes), "kv_cache_bytes"
     elif runner.device.type == "cuda":
-        budget, source = _cuda_budget(runner, settings), "gpu_memory_utilization"
+        budget, source = _cuda_budget(runner, settings, graph_bytes), "gpu_memory_utilization"
     else:
         budget, source = CPU_KV_CACHE_BYTES, "the CPU default"
     blocks_per_sequence = -(-max_model_len // block_size)
@@ -49,15 +51,16 @@ def plan_kv_cache(runner: ModelRunner, settings: Settings, max_model_len: int) -
     return KVCachePlan(usable + 1, block_size, budget, source)
 
 
-def _cuda_budget(runner: ModelRunner, settings: Settings) -> int:
+def _cuda_budget(runner: ModelRunner, settings: Settings, graph_bytes: int) -> int:
     device = runner.device
-    peak = runner.peak_forward_bytes(settings.max_prefill_tokens)
+    peak = runner.peak_forward_bytes(settings.max_prefill_tokens, settings.max_num_seqs)
     peak += SAMPLER_WORKSPACES * settings.max_num_seqs * runner.vocab_size * 4
     free, total = torch.cuda.mem_get_info(device)
     outside_torch = total - free - torch.cuda.memory_reserved(device)
-    budget = int(total * settings.gpu_memory_utilization) - peak - outside_torch
-    logger.info("CUDA memory: %.1f GiB in all, %.1f GiB at the peak of the largest step, %.1f GiB outside torch",
-                total / 2**30, peak / 2**30, outside_torch / 2**30)
+    budget = int(total * settings.gpu_memory_utilization) - peak - outside_torch - graph_bytes
+    logger.info("CUDA memory: %.1f GiB in all, %.1f GiB at the peak of the worst step (weights included), "
+                "%.1f GiB outside torch, %.2f GiB for CUDA graphs", total / 2**30, peak / 2**30,
+                outside_torch / 2**30, graph_bytes / 2**30)
     return max(0, budget)
 
 

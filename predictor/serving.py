@@ -22,9 +22,11 @@ from predictor.api.service import GenerationService, ModelShape
 from predictor.config import Settings
 from predictor.engine import Engine
 from predictor.engine.core import EngineCore
+from predictor.engine.cuda_graphs import single_process
+from predictor.engine.fast_path import FastPath
 from predictor.engine.model_runner import ModelRunner
 from predictor.engine.structured_output import Grammars
-from predictor.engine.tp import LeaderRunner, Rank, close_process_groups, follow, init_process_groups
+from predictor.engine.tp import LeaderRunner, Rank, agreement, close_process_groups, follow, init_process_groups
 from predictor.kv_sizing import KVCachePlan, log_plan, plan_kv_cache
 from predictor.tools.demo import ensure_demo_model
 from predictor.tools.manifest import ManifestError, verify_manifest
@@ -59,13 +61,16 @@ def load(settings: Settings, rank: Rank | None) -> Loaded:
     max_model_len = settings.max_model_len or getattr(config, "max_position_embeddings", None) or 2048
     model = loader.load_model(model_dir, config, dtype, device, tp_size, settings.trust_remote_code)
     runner = ModelRunner(model, block_size=settings.block_size, max_model_len=max_model_len)
-    plan = plan_kv_cache(runner, settings, max_model_len)
+    fast_path = FastPath(runner, enforce_eager=settings.enforce_eager, max_num_seqs=settings.max_num_seqs,
+                         agree=agreement(control) if control is not None else single_process)
+    graph_bytes = fast_path.prepare()
+    plan = plan_kv_cache(runner, settings, max_model_len, graph_bytes)
     if control is not None:  # every rank must hold the same blocks: take the smallest plan
         blocks = torch.tensor([plan.num_blocks])
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control)
         plan = dataclasses.replace(plan, num_blocks=int(blocks))
     runner.allocate_kv_cache(plan.num_blocks)  # the whole cache now, so memory runs out at load, not under load
-    runner.capture_decode_graphs(settings.max_num_seqs)
+    fast_path.capture()
     logger.info("loaded %s: %s on %s, tp=%d, max_model_len %d", model_dir, dtype, device, tp_size, max_model_len)
     log_plan(plan, runner, max_model_len)
     return Loaded(model_dir, config, runner, plan, max_model_len, control)

@@ -43,7 +43,7 @@ class AttentionMetadata:
     decode_start: int  # batched decodes are tokens [decode_start, T)
     decode_seq_lens: torch.Tensor  # [D] context length, including the token being decoded
     decode_block_tables: torch.Tensor  # [D, max_blocks]
-    decode_max_len: int | None  # host copy of max(decode_seq_lens) for the gathering path; None when captured
+    decode_max_len: int | None  # host copy of max(decode_seq_lens) for the gathering path; None: not known on the host
     use_triton: bool = False
 
     @property
@@ -85,9 +85,9 @@ def chunked_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
 def decode_attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Decodes [D, heads, dim] over their blocks, gathered into one padded batch for SDPA."""
-    block_size = k_cache.shape[1]
-    num_blocks = -(-meta.decode_max_len // block_size)
-    tables = meta.decode_block_tables[:, :num_blocks]
+    tables = meta.decode_block_tables
+    if meta.decode_max_len is not None:  # else captured: every column, since no host value may bound them
+        tables = tables[:, : -(-meta.decode_max_len // k_cache.shape[1])]
     keys = k_cache[tables].flatten(1, 2)  # [D, num_blocks * block_size, kv_heads, dim]
     values = v_cache[tables].flatten(1, 2)
     visible = torch.arange(keys.shape[1], device=q.device)[None, :] < meta.decode_seq_lens[:, None]

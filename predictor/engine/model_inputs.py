@@ -1,5 +1,5 @@
 """One step's forward as plain integers: built by the engine core, broadcast to tensor-parallel ranks as one
-int64 tensor, executed by every rank's ModelRunner."""
+int64 tensor, executed by every rank's ModelRunner, which uploads it to the device without waiting."""
 
 from __future__ import annotations
 
@@ -62,3 +62,19 @@ class ModelInputs:
         ids, positions, slots, query_lens, seq_lens, flat_tables, sample_indices = fields
         tables = [flat_tables[i * width : (i + 1) * width] for i in range(seqs)]  # padded: lengths bound reads
         return cls(ids, positions, slots, query_lens, seq_lens, tables, sample_indices)
+
+
+def copy_to_device(destination: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """Copy a host tensor into a device tensor without blocking the host: a copy from pageable memory waits for the
+    transfer, so on CUDA the values go through page-locked memory (torch's caching host allocator reuses those
+    buffers and keeps each one until its copy is done)."""
+    if destination.is_cuda:
+        host = host.pin_memory()
+    return destination.copy_(host, non_blocking=True)
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device, copied as copy_to_device copies."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

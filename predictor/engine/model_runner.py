@@ -2,9 +2,10 @@
 
 Models whose attention goes through transformers' AttentionInterface (Llama, Mistral, Qwen, ...) run the paged
 attention function: the step's tokens packed in one row, no padding. On CUDA, a decode-only step replays a CUDA
-graph captured for the smallest batch-size bucket that holds it; everything else runs eagerly, which is all
-there is on the CPU. Other models (Falcon) attend with their own code over gathered context and a 4D mask, in
-two forwards when a step has both prefills and decodes.
+graph captured for the smallest batch-size bucket that holds it (cuda_graphs.py; fast_path.py decides at start
+whether there are graphs); everything else runs eagerly, which is all there is on the CPU. Other models (Falcon)
+attend with their own code over gathered context and a 4D mask, in two forwards when a step has both prefills and
+decodes. A step's inputs reach the device in one asynchronous copy; only the sampled rows' logits are computed.
 """
 
 from __future__ import annotations
@@ -19,17 +20,11 @@ from transformers.cache_utils import Cache
 from predictor import model_facts
 from predictor.engine.attention import PAGED_ATTENTION, AttentionMetadata
 from predictor.engine.block_manager import SCRATCH_BLOCK
+from predictor.engine.cuda_graphs import DecodeGraphs
 from predictor.engine.kv_cache import MaskLayout, PagedKVCache
-from predictor.engine.model_inputs import HEADER, ModelInputs
+from predictor.engine.model_inputs import HEADER, ModelInputs, upload
 
 logger = logging.getLogger(__name__)
-
-
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 16 (vLLM's buckets) up to max_num_seqs, which is always one."""
-    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs]
-    sizes += list(range(16, max_num_seqs, 16))
-    return [*sizes, max_num_seqs]
 
 
 def triton_available() -> bool:
@@ -65,10 +60,13 @@ class ModelRunner:
         self.device = model.device
         self.dtype = model.dtype
         self.block_size = block_size
+        self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         config = model.config.get_text_config()
         self.num_layers = model_facts.num_layers(config.to_dict())
         self.vocab_size = config.vocab_size
+        self.hidden_size = config.hidden_size
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2's tanh cap on the logits
         self.kv_heads, self.head_dim = _cached_kv_shape(model)
         self.paged = model._can_set_attn_implementation()
         if self.paged:
@@ -76,7 +74,7 @@ class ModelRunner:
         self.use_triton = self.paged and self.device.type == "cuda" and triton_available()
         self.loop_decodes = self.device.type != "cuda"  # attended one by one, like prefill chunks: attention.py
         self.cache: PagedKVCache | None = None
-        self.graphs: dict[int, DecodeGraph] = {}
+        self.graphs: DecodeGraphs | None = None  # captured over self.cache: allocating another drops them
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._masked = torch.finfo(self.dtype).min
 
@@ -86,21 +84,23 @@ class ModelRunner:
         return model_facts.kv_bytes_per_token(self.num_layers, self.kv_heads, self.head_dim, element) * self.block_size
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.graphs.clear()
-        self.cache = None
+        self.free_kv_cache()
         self.cache = PagedKVCache(self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim,
                                   self.dtype, self.device)
+
+    def free_kv_cache(self) -> None:
+        """The cache goes, and the graphs captured over it with it."""
+        self.graphs = None
+        self.cache = None
 
     # ---- a step -------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, inputs: ModelInputs) -> torch.Tensor:
         """Logits [len(sample_indices), V] of the step's sampled positions."""
-        if inputs.num_prefills == 0 and self.graphs:
-            graph = self._graph_for(len(inputs.query_lens))
-            if graph is not None:
-                return graph.replay(inputs)
-        step = StepTensors.of(inputs.pack().to(self.device), inputs)  # one small copy per step
+        if self.graphs is not None and inputs.num_prefills == 0 and self.graphs.fits(len(inputs.query_lens)):
+            return self.graphs.replay(inputs)
+        step = StepTensors.of(upload(inputs.pack(), self.device), inputs)
         if self.paged:
             return self._forward_paged(inputs, step)
         return self._forward_masked(inputs, step)
@@ -124,18 +124,26 @@ class ModelRunner:
                          logits_to_keep=step.sample_indices)
         return out.logits[0]
 
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, V] of last hidden states [N, hidden], as the model's forward computes them after its base
+        model (fast_path.py checks that it does, for the model at hand, before graphs rely on it)."""
+        logits = self.model.get_output_embeddings()(hidden)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
     def _forward_masked(self, inputs: ModelInputs, step: StepTensors) -> torch.Tensor:
         prefills, starts = inputs.num_prefills, inputs.query_starts
         prefill_tokens = starts[prefills]
-        samples = step.sample_indices
+        samples = step.sample_indices  # ascending: the prefill chunks' first, then the decodes'
+        prefill_samples = sum(1 for i in inputs.sample_indices if i < prefill_tokens)
         logits = []
         if prefills:
             rows = slice(0, prefill_tokens)
             layout = MaskLayout(step.block_tables[:prefills], inputs.seq_lens[:prefills], self.block_size, packed=True)
             mask = self._packed_mask(inputs.query_lens[:prefills], inputs.seq_lens[:prefills], step.positions[rows])
-            kept = samples[samples < prefill_tokens]
             out = self._forward_with_mask(step.token_ids[None, rows], step.positions[None, rows],
-                                          step.slot_mapping[rows], layout, mask, kept)
+                                          step.slot_mapping[rows], layout, mask, samples[:prefill_samples])
             logits.append(out[0])
         if inputs.num_decodes:
             rows = slice(prefill_tokens, None)
@@ -144,7 +152,7 @@ class ModelRunner:
             visible = torch.arange(layout.width, device=self.device)[None, :] < step.seq_lens[prefills:, None]
             out = self._forward_with_mask(step.token_ids[rows, None], step.positions[rows, None],
                                           step.slot_mapping[rows], layout, visible[:, None, None, :], None)
-            logits.append(out[samples[samples >= prefill_tokens] - prefill_tokens, -1])
+            logits.append(out[samples[prefill_samples:] - prefill_tokens, -1])
         return torch.cat(logits)
 
     def _forward_with_mask(self, ids, positions, slots, layout: MaskLayout, visible, keep) -> torch.Tensor:
@@ -162,11 +170,11 @@ class ModelRunner:
 
     def _packed_mask(self, query_lens: list[int], seq_lens: list[int], positions: torch.Tensor) -> torch.Tensor:
         """[1, 1, queries, keys]: a query sees the keys of its own sequence at or before its position."""
-        device = self.device
+        device = self.device  # output_size given: repeat_interleave need not read the lengths back from the device
         query_seq = torch.repeat_interleave(torch.arange(len(query_lens), device=device),
-                                            torch.tensor(query_lens, device=device))
+                                            upload(torch.tensor(query_lens), device), output_size=sum(query_lens))
         key_seq = torch.repeat_interleave(torch.arange(len(seq_lens), device=device),
-                                          torch.tensor(seq_lens, device=device))
+                                          upload(torch.tensor(seq_lens), device), output_size=sum(seq_lens))
         key_pos = torch.cat([torch.arange(n, device=device) for n in seq_lens])
         visible = (query_seq[:, None] == key_seq[None, :]) & (key_pos[None, :] <= positions[:, None])
         return visible[None, None]
@@ -190,38 +198,46 @@ class ModelRunner:
     def heartbeat(self) -> None:
         """Single process: nobody to tell that we are alive."""
 
+    def worst_step(self, max_prefill_tokens: int, max_num_seqs: int) -> tuple[ModelInputs, int]:
+        """The step that needs the most memory, and the KV blocks it reads: a prompt chunk of max_prefill_tokens
+        that ends at max_model_len after cached context (torch's SDPA with a boolean mask and grouped KV heads takes
+        its math path: [heads, chunk, context] scores, far more than a fresh prompt's fused kernel), sharing the step
+        with max_num_seqs - 1 decodes of max_model_len tokens. Every row reads the same blocks; the decodes write
+        to the scratch block."""
+        context, size = self.max_model_len, self.block_size
+        chunk = min(max_prefill_tokens, context - 1)
+        decodes = max_num_seqs - 1
+        blocks = -(-context // size)
+        table = list(range(SCRATCH_BLOCK + 1, SCRATCH_BLOCK + 1 + blocks))
+        positions = list(range(context - chunk, context))
+        inputs = ModelInputs(
+            token_ids=[0] * (chunk + decodes),
+            positions=positions + [context - 1] * decodes,
+            slot_mapping=[table[p // size] * size + p % size for p in positions]
+            + [SCRATCH_BLOCK * size + i % size for i in range(decodes)],
+            query_lens=[chunk] + [1] * decodes,
+            seq_lens=[context] * (1 + decodes),
+            block_tables=[table] * (1 + decodes),
+            sample_indices=[chunk - 1, *range(chunk, chunk + decodes)],
+        )
+        return inputs, blocks + 1
+
     @torch.inference_mode()
-    def peak_forward_bytes(self, num_tokens: int) -> int:
-        """Peak CUDA memory of the largest step (num_tokens prompt tokens) with a cache just big enough for it."""
-        blocks = -(-num_tokens // self.block_size)
-        self.allocate_kv_cache(blocks + 1)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        slots = list(range(self.block_size, self.block_size + num_tokens))
-        self.execute(ModelInputs([0] * num_tokens, list(range(num_tokens)), slots, [num_tokens], [num_tokens],
-                                 [list(range(1, blocks + 1))], [num_tokens - 1]))
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        self.cache = None
+    def peak_forward_bytes(self, max_prefill_tokens: int, max_num_seqs: int) -> int:
+        """Peak CUDA memory of the worst step (weights and a cache just big enough for it included); on other
+        devices the step runs the same way and 0 is returned, since they keep no allocator statistics."""
+        inputs, num_blocks = self.worst_step(max_prefill_tokens, max_num_seqs)
+        self.allocate_kv_cache(num_blocks)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.execute(inputs)
+        peak = 0
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        self.free_kv_cache()
         return peak
-
-    # ---- CUDA graphs ---------------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def capture_decode_graphs(self, max_num_seqs: int) -> None:
-        """One graph per batch-size bucket, largest first so the smaller ones reuse its memory pool."""
-        if not (self.use_triton and self.device.type == "cuda"):
-            return
-        pool = None
-        for size in reversed(graph_batch_sizes(max_num_seqs)):
-            graph = DecodeGraph(self, size)
-            graph.capture(pool)
-            pool = graph.graph.pool()
-            self.graphs[size] = graph
-        logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
-
-    def _graph_for(self, batch: int) -> DecodeGraph | None:
-        fitting = [size for size in self.graphs if size >= batch]
-        return self.graphs[min(fitting)] if fitting else None
 
 
 class _ShapeProbe(Cache):
@@ -250,53 +266,3 @@ def _cached_kv_shape(model) -> tuple[int, int]:
     model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), past_key_values=probe, use_cache=True)
     _, heads, _, head_dim = probe.shape
     return heads, head_dim
-
-
-class DecodeGraph:
-    """A decode step of `size` rows captured once; replay copies a step's inputs into its static buffers.
-
-    Rows past the step's batch are padding: they write to the scratch block and attend over nothing.
-    """
-
-    def __init__(self, runner: ModelRunner, size: int):
-        self.runner, self.size = runner, size
-        width = runner.max_blocks_per_seq
-        self.buffer = torch.zeros(size * (4 + width), dtype=torch.int64, device=runner.device)
-        self.ids, self.positions, self.slots, self.seq_lens, tables = self.buffer.split([size] * 4 + [size * width])
-        self.block_tables = tables.view(size, width)
-        self.meta = AttentionMetadata(
-            cache=runner.cache, chunk_query_starts=[0], chunk_seq_lens=[], chunk_block_tables=[],
-            decode_start=0, decode_seq_lens=self.seq_lens, decode_block_tables=self.block_tables,
-            decode_max_len=None, use_triton=True,
-        )
-        self.graph = torch.cuda.CUDAGraph()
-        self.logits: torch.Tensor | None = None
-
-    def _forward(self) -> torch.Tensor:
-        runner = self.runner
-        runner.cache.slot_mapping = self.slots
-        return runner.model(input_ids=self.ids[None], position_ids=self.positions[None],
-                            past_key_values=runner.cache, use_cache=True, attention_metadata=self.meta).logits[0]
-
-    def capture(self, pool) -> None:
-        self.slots.fill_(SCRATCH_BLOCK * self.runner.block_size)
-        side = torch.cuda.Stream(self.runner.device)
-        side.wait_stream(torch.cuda.current_stream(self.runner.device))
-        with torch.cuda.stream(side):  # warm-up off the capture stream: compiles the kernels, sets up cuBLAS
-            self._forward()
-        torch.cuda.current_stream(self.runner.device).wait_stream(side)
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = self._forward()
-
-    def replay(self, inputs: ModelInputs) -> torch.Tensor:
-        batch, width = len(inputs.query_lens), inputs.table_width
-        step = StepTensors.of(inputs.pack().to(self.runner.device), inputs)
-        self.ids[:batch] = step.token_ids
-        self.positions[:batch] = step.positions
-        self.slots[:batch] = step.slot_mapping
-        self.slots[batch:] = SCRATCH_BLOCK * self.runner.block_size
-        self.seq_lens[:batch] = step.seq_lens
-        self.seq_lens[batch:] = 0
-        self.block_tables[:batch, :width] = step.block_tables
-        self.graph.replay()
-        return self.logits.index_select(0, step.sample_indices)

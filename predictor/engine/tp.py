@@ -13,6 +13,7 @@ import enum
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -74,6 +75,18 @@ def close_process_groups() -> None:
     process ("terminate called without an active exception") and turn a clean shutdown into exit code -6."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agreement(control: dist.ProcessGroup) -> Callable[[bool], bool]:
+    """agree(ok): True on every rank if ok is True on every rank, else False on all; a collective over the control
+    group, so every rank calls it at the same point of start-up (FastPath's stages)."""
+
+    def agree(ok: bool) -> bool:
+        flag = torch.tensor([int(ok)], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=control)
+        return bool(flag.item())
+
+    return agree
 
 
 class Op(enum.IntEnum):

@@ -212,16 +212,26 @@ def test_every_flag_the_chart_passes_is_a_predictor_setting():
     from predictor.config import Settings
 
     overrides = {"model": {"maxModelLen": 2048, "maxNumSeqs": 8, "maxQueue": 16, "kvCacheBytes": 2**30,
-                           "chatTemplate": "chatml"}}
+                           "chatTemplate": "chatml", "enforceEager": True}}
     objects = ch.template("examples/llama-2-70b-2node.yaml", overrides=overrides)
     containers = [container_of(objects), ch.one(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]]
     for container in containers:
         start = container["args"].index("predictor") + 1  # torchrun's own options come first
         flags = {arg[2:].split("=", 1)[0] for arg in container["args"][start:]}
-        assert {"max_model_len", "max_num_seqs", "max_queue", "kv_cache_bytes", "gpu_memory_utilization"} <= flags
+        assert {"max_model_len", "max_num_seqs", "max_queue", "kv_cache_bytes", "gpu_memory_utilization",
+                "enforce_eager"} <= flags
         assert flags <= set(Settings.model_fields)
     flags = {arg[2:].split("=", 1)[0] for arg in container_of(ch.template(BASE, overrides=overrides))["args"]}
     assert flags <= set(Settings.model_fields)
+
+
+def test_enforce_eager_is_passed_as_the_bare_flag_only_when_set():
+    from predictor.config import load_settings
+
+    args = container_of(ch.template(BASE, overrides={"model": {"enforceEager": True}}))["args"]
+    assert "--enforce_eager" in args
+    assert load_settings([a for a in args if a.startswith("--")]).enforce_eager
+    assert not any("enforce_eager" in a for a in container_of(ch.template(BASE))["args"])
 
 
 def test_image_digest_wins_over_tag():

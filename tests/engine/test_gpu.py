@@ -1,14 +1,22 @@
 """The engine on a CUDA device: bf16 greedy parity with generate, CUDA-graph replay equal to eager, preemption
-under memory pressure; the compiled decode kernels against SDPA, without recompiles, under graph capture.
-Skipped without CUDA; run on the device with `pytest -m gpu`."""
+under memory pressure, the graphs' memory, the worst step's memory, the compiled decode kernels against SDPA
+(without recompiles, under graph capture), and the server's start-up on CUDA: graphs captured and budgeted, and
+the two forced fallbacks (a Triton that cannot build its launcher, a failed capture) serving eagerly. Skipped
+without CUDA; run on the device with `pytest -m gpu` (build/device_check.sh)."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
+from models import greedy_reference
+from servers import predictor_env, start
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from predictor.engine import triton_attention
+from predictor.engine.cuda_graphs import FAIL_CAPTURE_ENV, DecodeGraphs, graph_batch_sizes
+from predictor.engine.fast_path import FastPath
+from predictor.engine.model_inputs import ModelInputs
 from predictor.engine.model_runner import ModelRunner
 
 from .test_model_runner import BLOCK, PROMPTS, generate, serve_greedy
@@ -17,12 +25,13 @@ from .test_triton_attention import EAGER_STEPS, KERNELS, eager_step, gathered, p
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 STEPS = 24
+SERVER_PROMPTS = ["Hello", "The capital of France is", "Once upon a time"]
 
 
-def cuda_llama(dtype: torch.dtype):
+def cuda_llama(dtype: torch.dtype, max_position_embeddings: int = 512):
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=32000, max_position_embeddings=512)
+                         num_key_value_heads=2, vocab_size=32000, max_position_embeddings=max_position_embeddings)
     with torch.device("cuda"):
         return LlamaForCausalLM(config).to(dtype).eval()
 
@@ -33,12 +42,21 @@ def bf16_llama():
 
 
 def runner_for(model, graphs: bool, num_blocks: int = 64, max_num_seqs: int = 8) -> ModelRunner:
+    """Started as serving.load starts it: the fast path prepared, the cache allocated, the graphs captured."""
     runner = ModelRunner(model, block_size=BLOCK, max_model_len=256)
+    fast_path = FastPath(runner, enforce_eager=not graphs, max_num_seqs=max_num_seqs)
+    fast_path.prepare()
     runner.allocate_kv_cache(num_blocks)
-    if graphs:
-        runner.capture_decode_graphs(max_num_seqs)
-        assert runner.graphs, "no CUDA graph was captured"
+    fast_path.capture()
+    assert (runner.graphs is not None) == graphs, fast_path.off_reason
     return runner
+
+
+def counting_replays(runner: ModelRunner) -> list[int]:
+    """The batch sizes the runner's graphs replay from now on (so that a test knows graphs, not eager, ran)."""
+    replayed, replay = [], runner.graphs.replay
+    runner.graphs.replay = lambda inputs: replayed.append(len(inputs.query_lens)) or replay(inputs)
+    return replayed
 
 
 def test_bf16_greedy_decode_matches_generate_one_sequence_at_a_time(bf16_llama):
@@ -51,10 +69,29 @@ def test_bf16_greedy_decode_matches_generate_one_sequence_at_a_time(bf16_llama):
         assert agreeing >= STEPS // 2, f"bf16 diverged from generate at token {agreeing}: {output} vs {expected}"
 
 
-def test_cuda_graph_replay_gives_the_tokens_eager_gives(bf16_llama):
+def test_cuda_graph_replay_gives_the_tokens_eager_gives_in_fp32():
+    """fp32 (no TF32): padded rows and bucket shapes change nothing. Buckets of 2 and 8 rows: serve_greedy's
+    decode batches of 4 and 1 sequences are padded up to them."""
+    model = cuda_llama(torch.float32)
+    eager, _ = serve_greedy(runner_for(model, graphs=False), PROMPTS, STEPS, num_blocks=64)
+    runner = runner_for(model, graphs=False)
+    runner.graphs = DecodeGraphs(runner, [2, 8])
+    runner.graphs.capture()
+    replayed = counting_replays(runner)
+    graphed, _ = serve_greedy(runner, PROMPTS, STEPS, num_blocks=64)
+    assert graphed == eager == [generate(model, p, STEPS) for p in PROMPTS]
+    assert set(replayed) == {1, 4}
+
+
+def test_cuda_graph_replay_stays_with_eager_in_bf16(bf16_llama):
     eager, _ = serve_greedy(runner_for(bf16_llama, graphs=False), PROMPTS, STEPS, num_blocks=64)
-    graphed, _ = serve_greedy(runner_for(bf16_llama, graphs=True), PROMPTS, STEPS, num_blocks=64)
-    assert graphed == eager
+    runner = runner_for(bf16_llama, graphs=True)
+    replayed = counting_replays(runner)
+    graphed, _ = serve_greedy(runner, PROMPTS, STEPS, num_blocks=64)
+    assert replayed
+    for output, expected in zip(graphed, eager):
+        agreeing = next((i for i, (a, b) in enumerate(zip(output, expected)) if a != b), STEPS)
+        assert agreeing >= STEPS // 2, f"graphs diverged from eager at token {agreeing}: {output} vs {expected}"
 
 
 def test_preemption_under_memory_pressure_keeps_greedy_parity_in_fp32():
@@ -126,3 +163,82 @@ def test_a_captured_split_kernel_replays_new_lengths_and_tables_like_eager():
         graph.replay()
         eager = triton_attention.paged_decode_attention(q, k_cache, v_cache, static_tables, static_lens, 0.1)
         torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
+# ---- graph and step memory -------------------------------------------------------------------------------------
+
+def test_graphs_of_1024_sequences_stop_at_512_and_their_memory_is_measured(bf16_llama):
+    """Logits per bucket would have taken sum(sizes) x vocab x 2 bytes (2 GiB here); the shared hidden-state buffer
+    and one pool take a few MiB."""
+    runner = ModelRunner(bf16_llama, block_size=BLOCK, max_model_len=256)
+    fast_path = FastPath(runner, enforce_eager=False, max_num_seqs=1024)
+    measured = fast_path.prepare()
+    assert runner.graphs is None and runner.cache is None  # the measuring capture is gone
+    runner.allocate_kv_cache(64)
+    fast_path.capture()
+    assert sorted(runner.graphs.graphs) == graph_batch_sizes(1024) and runner.graphs.largest == 512
+    assert 0 < measured < 256 * 2**20 and 0 < fast_path.graph_bytes < 256 * 2**20, (measured, fast_path.graph_bytes)
+    print(f"graph memory: {measured / 2**20:.1f} MiB measured, {fast_path.graph_bytes / 2**20:.1f} MiB kept")
+
+
+def test_the_worst_step_peaks_above_a_fresh_prompt_of_the_same_length():
+    """A chunk after cached context with grouped KV heads takes SDPA's math path ([heads, chunk, context] scores);
+    a fresh prompt takes a fused kernel. The KV budget must count the former."""
+    runner = ModelRunner(cuda_llama(torch.bfloat16, max_position_embeddings=4096), block_size=BLOCK,
+                         max_model_len=4096)
+    worst = runner.peak_forward_bytes(max_prefill_tokens=1024, max_num_seqs=8)
+    _, num_blocks = runner.worst_step(1024, 8)
+    runner.allocate_kv_cache(num_blocks)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        runner.execute(ModelInputs([0] * 1024, list(range(1024)), list(range(BLOCK, BLOCK + 1024)), [1024], [1024],
+                                   [list(range(1, num_blocks))], [1023]))
+    torch.cuda.synchronize()
+    fresh = torch.cuda.max_memory_allocated()
+    runner.free_kv_cache()
+    print(f"peak: worst step {worst / 2**20:.0f} MiB, fresh prompt {fresh / 2**20:.0f} MiB")
+    assert worst > fresh + 32 * 2**20
+
+
+# ---- the server's start-up on CUDA -----------------------------------------------------------------------------
+
+def serve_and_check(tiny_llama, reference, log, env: dict) -> str:
+    """Start the server on CUDA in fp32, check greedy parity with generate, return its log."""
+    server = start(tiny_llama, log, "--device=cuda", "--dtype=float32", "--max_num_seqs=8", "--max_model_len=256",
+                   env=predictor_env(**env))
+    try:
+        assert httpx.get(f"{server.url}/v1/models/{server.model_name}", timeout=10).status_code == 200
+        for prompt in SERVER_PROMPTS:
+            response = httpx.post(f"{server.url}/openai/v1/completions", timeout=60, json={
+                "model": server.model_name, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == greedy_reference(reference, prompt, 8)
+        return server.output()
+    finally:
+        server.stop()
+
+
+def off_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "CUDA graphs off:" in line]
+
+
+def test_the_server_captures_graphs_and_takes_their_memory_from_the_kv_budget(tiny_llama, reference, tmp_path):
+    log = serve_and_check(tiny_llama, reference, tmp_path / "server.log", {})
+    print("\n".join(line for line in log.splitlines() if "CUDA" in line or "KV cache" in line))
+    assert not off_lines(log)
+    assert "CUDA graphs: 4 decode batch sizes captured (1, 2, 4, 8)" in log
+    assert "GiB for CUDA graphs" in log and "KV cache (gpu_memory_utilization)" in log
+
+
+def test_a_triton_that_cannot_build_its_launcher_leaves_the_gather_path_serving(tiny_llama, reference, tmp_path):
+    """A real failure: no C compiler for Triton's launcher, and no cache holding one already built."""
+    log = serve_and_check(tiny_llama, reference, tmp_path / "server.log",
+                          {"CC": "/bin/false", "TRITON_CACHE_DIR": str(tmp_path / "empty-triton-cache")})
+    (line,) = off_lines(log)
+    assert "the Triton decode kernel is unusable" in line and "decodes take the gather path" in line
+
+
+def test_a_failed_capture_on_cuda_serves_eagerly_with_the_kernel(tiny_llama, reference, tmp_path):
+    log = serve_and_check(tiny_llama, reference, tmp_path / "server.log", {FAIL_CAPTURE_ENV: "1"})
+    (line,) = off_lines(log)
+    assert "capturing the decode graph of batch size 8 failed" in line

@@ -15,8 +15,9 @@ from transformers import (
 )
 
 from predictor.engine.core import EngineCore
+from predictor.engine.cuda_graphs import graph_batch_sizes
 from predictor.engine.model_inputs import ModelInputs
-from predictor.engine.model_runner import ModelRunner, graph_batch_sizes
+from predictor.engine.model_runner import ModelRunner
 from predictor.engine.sampling_params import SamplingParams
 from predictor.engine.sequence import Sequence
 

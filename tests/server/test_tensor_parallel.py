@@ -21,6 +21,8 @@ from test_embeddings import assert_close, reference_embedding
 from test_generation import _post_all
 from test_structured_output import REPLY_FORMAT, REPLY_SCHEMA
 
+from predictor.engine.cuda_graphs import FAIL_CAPTURE_ENV
+
 PROMPTS = ["Hello", "The capital of France is", "Once upon a time, in a land far away, there lived a"]
 
 
@@ -57,9 +59,13 @@ def assert_tp_structured_output_validates(server) -> None:
 
 
 def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_path):
+    """Started with the capture fault injected: on the CPU it serves eagerly either way, and so its start also
+    shows both ranks warming up the graphs' forward together (its all-reduces) and falling back together."""
     server = start(tiny_llama, tmp_path / "tp2.log", "--tensor_parallel_size=2", "--max_num_seqs=6",
-                   "--max_model_len=256")
+                   "--max_model_len=256", env=predictor_env(**{FAIL_CAPTURE_ENV: "1"}))
     try:
+        fallbacks = [line for line in server.output().splitlines() if "CUDA graphs off:" in line]
+        assert len(fallbacks) == 2 and all("batch size 6 failed" in line for line in fallbacks), server.output()
         # Concurrent, different lengths: sequences finish out of slot order, so the ranks also move KV slots.
         bodies = [{"model": server.model_name, "prompt": p, "max_tokens": 4 + 3 * i, "temperature": 0}
                   for i, p in enumerate(PROMPTS * 2)]

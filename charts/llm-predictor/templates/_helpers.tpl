@@ -311,6 +311,9 @@ the single-pod and multi-node forms. Takes (dict "plan" $plan "context" $).
 {{- if $m.kvCacheBytes }}
 - --kv_cache_bytes={{ $m.kvCacheBytes | int64 }}
 {{- end }}
+{{- if $m.enforceEager }}
+- --enforce_eager
+{{- end }}
 {{- with $plan.chatTemplate }}
 - --chat_template={{ . }}
 {{- end }}
