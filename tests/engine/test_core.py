@@ -101,7 +101,7 @@ def test_stop_token_and_max_model_len_finish():
 
 def test_abort_frees_blocks_and_the_sampler_row():
     engine = core(num_blocks=1 + 20)
-    seqs = [request(i, [3] * 8, max_new_tokens=30, repetition_penalty=1.5) for i in range(3)]
+    seqs = [request(i, [3 + i] * 8, max_new_tokens=30, repetition_penalty=1.5) for i in range(3)]  # unshared
     for seq in seqs:
         engine.add(seq)
     engine.step()

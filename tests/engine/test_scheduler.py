@@ -13,7 +13,9 @@ BLOCK = 4
 
 
 def sequence(seq_id: int, prompt_len: int) -> Sequence:
-    return Sequence(seq_id, list(range(1, prompt_len + 1)), SamplingParams(max_new_tokens=64), frozenset())
+    """A prompt of its own: no two sequences share a prefix unless a test says so."""
+    first = 1000 * (seq_id + 1)
+    return Sequence(seq_id, list(range(first, first + prompt_len)), SamplingParams(max_new_tokens=64), frozenset())
 
 
 def scheduler(num_blocks: int, max_num_seqs: int = 8, max_prefill_tokens: int = 64, watermark: int = 0):
