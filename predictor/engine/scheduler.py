@@ -140,12 +140,12 @@ class Scheduler:
             seq = self.waiting[0]
             hit = self.blocks.lookup(seq)
             if hit.pending:
-                break  # first come, first served: nobody overtakes the head of the queue
+                break  # its next blocks are being computed: it takes them next step, rather than computing them too
             cached = len(hit.blocks) * self.blocks.block_size
             size = min(seq.num_tokens - cached, budget)
             keep_free = self.watermark_blocks if self.running else 0  # an idle engine admits whatever fits
             if not self.blocks.can_admit(hit, cached + size, keep_free=keep_free):
-                break
+                break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.blocks.admit(seq, hit)
             seq.num_computed = cached
