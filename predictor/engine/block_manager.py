@@ -164,13 +164,14 @@ class BlockManager:
         block.hash, block.computed = None, False
 
     def _hashes(self, seq: Sequence, count: int) -> list[bytes]:
-        """The hashes of seq's first count full blocks, each computed once per sequence."""
+        """The hashes of seq's first count full blocks (no more, though more may be known), each computed once per
+        sequence."""
         hashes, size = seq.block_hashes, self.block_size
         while len(hashes) < count:
             index = len(hashes)
             tokens = array("q", seq.token_ids(index * size, (index + 1) * size))
             hashes.append(hashlib.sha256((hashes[-1] if hashes else b"") + tokens.tobytes()).digest())
-        return hashes
+        return hashes[:count]
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """The flat KV cache slots (block * block_size + offset) of token positions [start, end)."""

@@ -261,3 +261,13 @@ def test_caching_off_computes_every_prompt():
         sched.add(with_prompt(seq_id, PREFIX))
     assert chunks_of(run_step(sched)) == [(0, 0, 10), (1, 0, 10)]
     assert sched.running[1].num_cached_tokens == 0
+
+
+def test_a_lookup_stops_before_the_last_token_even_when_its_block_hash_is_known():
+    manager = BlockManager(1 + 8, BLOCK)
+    first, second = with_prompt(0, PREFIX[:8]), with_prompt(1, PREFIX[:8])
+    manager.grow(first, 8)
+    manager.mark_computed(first, 0, 8)
+    manager.grow(second, 8)  # hashes both its blocks (as a prefill chunk does), then is preempted before computing
+    manager.free(second)
+    assert manager.lookup(second).blocks == first.block_table[:1]
