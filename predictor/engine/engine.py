@@ -163,8 +163,8 @@ class Engine:
                 self.abort(stream.id)
 
     def _admitted(self, admitted: list[tuple[GenerationStream, int | None]]) -> None:
-        """Requests left the queue for the batch (or were cancelled there): with the prompt tokens the prefix
-        cache held (None: cancelled before admission)."""
+        """Requests left the queue: admitted, with the prompt tokens the prefix cache held, or cancelled while
+        waiting (None)."""
         self._pending -= len(admitted)
         for stream, cached_tokens in admitted:
             stream.cached_tokens = cached_tokens
