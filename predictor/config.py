@@ -59,6 +59,10 @@ class Settings(BaseSettings):
         "decode-only steps of up to 512 sequences; their memory comes out of the KV cache's budget."
     )
     max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of prompt prefixes earlier requests computed (a system prompt, earlier "
+        "turns): full blocks are kept, by content, until their memory is needed. Off: every prompt is computed whole."
+    )
     chat_template: str | None = Field(None, description=f"One of {BUILTIN_CHAT_TEMPLATES} or a Jinja file.")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="Larger request bodies are refused with 413.")
     api_key: SecretStr | None = Field(

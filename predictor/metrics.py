@@ -17,6 +17,10 @@ HTTP_REQUESTS = Counter("predictor_http_requests", "HTTP requests answered, by r
                         ["method", "route", "status"])
 PROMPT_TOKENS = Counter("predictor_prompt_tokens", "Prompt tokens of finished generation requests.")
 GENERATION_TOKENS = Counter("predictor_generation_tokens", "Tokens generated, over finished requests.")
+PREFIX_CACHE_QUERIES = Counter("predictor_prefix_cache_queries",
+                               "Prompt tokens looked up in the prefix cache, over finished requests.")
+PREFIX_CACHE_HITS = Counter("predictor_prefix_cache_hits",
+                            "Prompt tokens found in the prefix cache (not computed again), over finished requests.")
 FINISHED = Counter("predictor_request_finished", "Generation requests finished, by reason.", ["finished_reason"])
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
@@ -39,6 +43,9 @@ def observe_finished(stream: GenerationStream, finished: Finished) -> None:
     FINISHED.labels(finished.finish_reason).inc()
     PROMPT_TOKENS.inc(finished.prompt_tokens)
     GENERATION_TOKENS.inc(finished.completion_tokens)
+    if stream.cached_tokens is not None:  # it was admitted, so its prompt was looked up
+        PREFIX_CACHE_QUERIES.inc(finished.prompt_tokens)
+        PREFIX_CACHE_HITS.inc(finished.cached_tokens)
     if stream.first_token_at is None:
         return
     TTFT.observe(stream.first_token_at - stream.submitted_at)

@@ -37,10 +37,10 @@ class SequenceOutput:
 
 class EngineCore:
     def __init__(self, runner, *, num_blocks: int, block_size: int, max_num_seqs: int, max_prefill_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, enable_prefix_caching: bool = True):
         self.runner = runner
         self.max_model_len = max_model_len
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, enable_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
                                    watermark_blocks=num_blocks // 100)
         self.sampler = Sampler(runner.vocab_size, max_num_seqs, runner.device)
@@ -81,6 +81,7 @@ class EngineCore:
             seq.first_scheduled_at = time.monotonic()
         for chunk in chunks:
             chunk.seq.num_computed = chunk.end
+            self.blocks.mark_computed(chunk.seq, chunk.start, chunk.end)
         sampling = [c.seq for c in chunks if c.samples]
         for seq in sampling:
             if seq.sampler_row is None:

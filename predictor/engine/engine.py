@@ -162,8 +162,12 @@ class Engine:
                 stream.finish("error", f"output handling failed: {err}")
                 self.abort(stream.id)
 
-    def _admitted(self, count: int) -> None:
-        self._pending -= count
+    def _admitted(self, admitted: list[tuple[GenerationStream, int | None]]) -> None:
+        """Requests left the queue: admitted, with the prompt tokens the prefix cache held, or cancelled while
+        waiting (None)."""
+        self._pending -= len(admitted)
+        for stream, cached_tokens in admitted:
+            stream.cached_tokens = cached_tokens
 
     # ---- engine thread ---------------------------------------------------------------------------------
 
@@ -175,8 +179,8 @@ class Engine:
                     self.runner.heartbeat()
                     continue
                 outputs, started = self.core.step()
-                if started:
-                    self._call_loop(self._admitted, len(started))
+                if started:  # before this step's events: a stream knows its cached tokens by its first token
+                    self._call_loop(self._admitted, [(s.stream, s.num_cached_tokens) for s in started])
                 self._preempted = self.core.num_preempted_waiting
                 self._emit([_event(o) for o in outputs])
         except BaseException as err:  # noqa: BLE001 - any failure ends every request and the engine
@@ -212,7 +216,7 @@ class Engine:
         if seq is None:
             return
         if seq.first_scheduled_at is None:
-            self._call_loop(self._admitted, 1)
+            self._call_loop(self._admitted, [(seq.stream, seq.num_cached_tokens)])
         events.append((seq.stream, [], seq.num_generated, "cancelled", None, None))
 
     def _run_embedding(self, prompt_ids: list[int], future: asyncio.Future) -> None:

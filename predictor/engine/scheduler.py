@@ -6,6 +6,12 @@ back to the front of the queue, to be recomputed (prompt and output so far) when
 simply continues. Then waiting sequences are admitted first come, first served while there are free blocks, a
 row in the batch (max_num_seqs) and prompt budget (max_prefill_tokens tokens per step); a prompt longer than
 the budget is prefilled in chunks over several steps while the others keep decoding.
+
+A sequence being admitted (or readmitted after a preemption) starts with the blocks the prefix cache holds of its
+tokens: they cost neither budget nor blocks (unless they are free ones taken back), and it computes only the rest.
+When the next block it would compute is being computed by a running sequence (n choices of one prompt, or a burst
+of requests sharing a system prompt), it waits for that block, and so does the queue behind it, first come first
+served: next step the block is cached and the prompt is computed once.
 """
 
 from __future__ import annotations
@@ -132,12 +138,20 @@ class Scheduler:
     def _admit(self, step: Step, budget: int) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            size = min(seq.num_tokens - seq.num_computed, budget)
+            hit = self.blocks.lookup(seq)
+            if hit.pending:
+                break  # its next blocks are being computed: it takes them next step, rather than computing them too
+            cached = len(hit.blocks) * self.blocks.block_size
+            size = min(seq.num_tokens - cached, budget)
             keep_free = self.watermark_blocks if self.running else 0  # an idle engine admits whatever fits
-            if not self.blocks.can_hold(seq, seq.num_computed + size, keep_free=keep_free):
+            if not self.blocks.can_admit(hit, cached + size, keep_free=keep_free):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_computed + size)
+            self.blocks.admit(seq, hit)
+            seq.num_computed = cached
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = cached
+            self.blocks.grow(seq, cached + size)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             step.chunks.append(Chunk.of(seq, size))

@@ -25,6 +25,8 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose keys and values are in the KV cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far (the block manager's)
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache held when it was first admitted
     status: SequenceStatus = SequenceStatus.WAITING
     sampler_row: int | None = None  # the sampler's per-row state (penalty counts) while running
     generator: Any = None  # a seeded request's own random generator, kept across preemptions

@@ -29,6 +29,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 class GenerationStream:
@@ -43,6 +44,7 @@ class GenerationStream:
         self.id = request_id
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
+        self.cached_tokens: int | None = None  # prompt tokens found in the prefix cache; None until admitted
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -107,7 +109,7 @@ class GenerationStream:
         if self.finished:
             return
         self.finished = True
-        finished = Finished(reason, self.prompt_tokens, self.completion_tokens, error)
+        finished = Finished(reason, self.prompt_tokens, self.completion_tokens, error, self.cached_tokens or 0)
         self._events.put_nowait(finished)
         self._on_finished(self, finished)
 

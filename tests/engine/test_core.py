@@ -7,7 +7,10 @@ sequence's text is fixed by its prompt: whatever the batch, chunking or preempti
 from __future__ import annotations
 
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from predictor.engine.block_manager import BlockManager
 from predictor.engine.core import EngineCore
 from predictor.engine.model_inputs import ModelInputs
 from predictor.engine.sampling_params import SamplingParams
@@ -101,7 +104,7 @@ def test_stop_token_and_max_model_len_finish():
 
 def test_abort_frees_blocks_and_the_sampler_row():
     engine = core(num_blocks=1 + 20)
-    seqs = [request(i, [3] * 8, max_new_tokens=30, repetition_penalty=1.5) for i in range(3)]
+    seqs = [request(i, [3 + i] * 8, max_new_tokens=30, repetition_penalty=1.5) for i in range(3)]  # unshared
     for seq in seqs:
         engine.add(seq)
     engine.step()
@@ -131,3 +134,131 @@ def test_nan_logits_fail_only_their_sequence():
                 errors[out.seq.id] = out.error
     assert finished == {0: "error", 1: "length"}
     assert "NaN" in errors[0] and errors[1] is None
+
+
+# ---- prefix caching: a fake model that reads its KV cache ---------------------------------------------------
+
+
+class AttendingRunner(FakeRunner):
+    """Keeps each token (and its position) in its KV slot and makes the next token a function of every token the
+    sequence's block table holds: a block read with the wrong content, or overwritten while another sequence
+    shares it, changes the output. `check` sees each step's inputs before they are written."""
+
+    def __init__(self, block_size: int):
+        super().__init__()
+        self.block_size = block_size
+        self.kv: dict[int, tuple[int, int]] = {}
+        self.check = lambda inputs: None
+
+    def execute(self, inputs: ModelInputs) -> torch.Tensor:
+        self.check(inputs)
+        self.steps.append(inputs)
+        for token, position, slot in zip(inputs.token_ids, inputs.positions, inputs.slot_mapping, strict=True):
+            self.kv[slot] = (token, position)
+        size, starts, samples = self.block_size, inputs.query_starts, set(inputs.sample_indices)
+        logits = torch.zeros(len(samples), VOCAB)
+        rows = (s for s in range(len(inputs.seq_lens)) if starts[s + 1] - 1 in samples)
+        for row, s in enumerate(rows):
+            table = inputs.block_tables[s]
+            context = [self.kv[table[p // size] * size + p % size] for p in range(inputs.seq_lens[s])]
+            assert [position for _, position in context] == list(range(len(context)))
+            logits[row, next_after([token for token, _ in context])] = 10.0
+        return logits
+
+
+def next_after(tokens: list[int]) -> int:
+    return 1 + sum((i + 1) * t for i, t in enumerate(tokens)) % (VOCAB - 1)  # never EOS
+
+
+def expected_after(prompt: list[int], count: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(count):
+        tokens.append(next_after(tokens))
+    return tokens[len(prompt):]
+
+
+def assert_writes_only_private_blocks(blocks: BlockManager, inputs: ModelInputs) -> None:
+    for slot in inputs.slot_mapping:
+        block = blocks.block(slot // blocks.block_size)
+        assert block.ref_count == 1 and not block.computed, f"block {block.id} written while shared or cached"
+
+
+def test_n_choices_compute_their_shared_prompt_once():
+    runner = AttendingRunner(block_size=4)
+    engine = core(num_blocks=100, runner=runner, max_prefill_tokens=16)
+    runner.check = lambda inputs: assert_writes_only_private_blocks(engine.blocks, inputs)
+    prompt = list(range(1, 41))  # ten blocks, prefilled in three steps
+    seqs = [request(i, prompt, max_new_tokens=3) for i in range(4)]
+    finished = run(engine, seqs)
+    assert finished == {i: (expected_after(prompt, 3), "length") for i in range(4)}
+    assert [s.num_cached_tokens for s in seqs] == [0, 36, 36, 36]  # all but the block holding the last token
+    prompt_tokens_computed = sum(p < len(prompt) for step in runner.steps for p in step.positions)
+    assert prompt_tokens_computed == 40 + 3 * 4
+    assert engine.blocks.num_free == 99
+
+
+# A workload: (shared prefix, own suffix, max_new_tokens, arrival step, abort this many steps later or never,
+# copies submitted together as the n choices of one request).
+PREFIXES = [[], list(range(10, 19)), [*range(10, 17), 40, 41, 42, 43, 44], list(range(20, 36))]
+REQUESTS = st.tuples(st.integers(0, len(PREFIXES) - 1), st.lists(st.integers(1, VOCAB - 1), max_size=6),
+                     st.integers(1, 8), st.integers(0, 12), st.none() | st.integers(0, 12), st.integers(1, 3))
+
+
+def serve_workload(workload, num_blocks: int, max_prefill_tokens: int, max_num_seqs: int) -> dict:
+    """Runs the workload, checking every step's writes; returns what happened, for the caller to check more."""
+    runner = AttendingRunner(block_size=4)
+    engine = core(num_blocks=num_blocks, runner=runner, max_prefill_tokens=max_prefill_tokens,
+                  max_num_seqs=max_num_seqs)
+    runner.check = lambda inputs: assert_writes_only_private_blocks(engine.blocks, inputs)
+    preempted = 0
+    schedule = engine.scheduler.schedule
+
+    def counting_schedule():
+        nonlocal preempted
+        step = schedule()
+        preempted += len(step.preempted)
+        return step
+
+    engine.scheduler.schedule = counting_schedule
+    seqs, aborts = [], {}
+    for prefix, suffix, max_new, arrival, abort_after, copies in workload:
+        prompt = (PREFIXES[prefix] + suffix) or [1]
+        for _ in range(copies):
+            seqs.append((arrival, request(len(seqs), prompt, max_new_tokens=max_new)))
+            if abort_after is not None:
+                aborts[len(seqs) - 1] = arrival + abort_after
+    step = 0
+    while step <= 12 or engine.has_work:
+        for arrival, seq in seqs:
+            if arrival == step:
+                engine.add(seq)
+        for seq_id, at in aborts.items():
+            if at == step:
+                engine.abort(seq_id)
+        engine.step()
+        step += 1
+        assert step < 1000
+    for _, seq in seqs:
+        expected = expected_after(seq.prompt_token_ids, seq.params.max_new_tokens)
+        if seq.id in aborts:
+            assert seq.output_token_ids == expected[: seq.num_generated]
+        else:
+            assert seq.output_token_ids == expected
+    assert engine.blocks.num_free == num_blocks - 1
+    assert all(engine.blocks.block(b).ref_count == 0 for b in range(num_blocks))
+    return {"preempted": preempted, "cached": sum(seq.num_cached_tokens or 0 for _, seq in seqs)}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=st.lists(REQUESTS, min_size=1, max_size=10), num_blocks=st.integers(1 + 9, 1 + 24),
+       max_prefill_tokens=st.sampled_from([4, 7, 16]), max_num_seqs=st.integers(1, 6))
+def test_shared_blocks_are_never_written_and_outputs_follow_the_model(workload, num_blocks, max_prefill_tokens,
+                                                                      max_num_seqs):
+    serve_workload(workload, num_blocks, max_prefill_tokens, max_num_seqs)
+
+
+def test_a_workload_with_shared_prefixes_hits_the_cache_under_preemption():
+    """The randomized test's checks, on a workload known to share blocks and preempt (so they are not vacuous)."""
+    workload = [(3, [1, 2], 8, 0, None, 3), (1, [5], 8, 0, 3, 1), (2, [], 8, 1, None, 2), (3, [9, 9, 9], 8, 4, None, 1)]
+    happened = serve_workload(workload, num_blocks=1 + 14, max_prefill_tokens=7, max_num_seqs=6)
+    assert happened["preempted"] > 0 and happened["cached"] > 0

@@ -78,6 +78,33 @@ def test_batched_chunked_greedy_decode_equals_generate(architecture):
     assert outputs == expected
 
 
+def serve_in_turn(runner: ModelRunner, prompts, steps: int, num_blocks: int = 64):
+    """Each prompt served to its end before the next arrives, through one core: later ones find the earlier ones'
+    blocks in the prefix cache. Returns the outputs and how many prompt tokens each found cached."""
+    runner.allocate_kv_cache(num_blocks)
+    core = EngineCore(runner, num_blocks=num_blocks, block_size=BLOCK, max_num_seqs=4, max_prefill_tokens=32,
+                      max_model_len=128)
+    seqs = []
+    for i, prompt in enumerate(prompts):
+        seqs.append(Sequence(i, prompt, SamplingParams(temperature=0, max_new_tokens=steps), frozenset()))
+        core.add(seqs[-1])
+        while core.has_work:
+            core.step()
+    return [s.output_token_ids for s in seqs], [s.num_cached_tokens for s in seqs]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "falcon-grouped"])  # the paged path, and the masked one
+@pytest.mark.parametrize("shared", [32, 37])  # a prefix that ends at a block boundary, and one that does not
+def test_a_prefix_cache_hit_gives_the_tokens_a_miss_gives(architecture, shared):
+    model = model_of(architecture)
+    prefix = [1 + (i * 37) % 499 for i in range(shared)]
+    prompts = [prefix + [5, 6, 7], prefix + [8, 9], prefix + [11], prefix]  # a miss, then hits; the last one
+    expected = [generate(model, p, 8) for p in prompts]  # is cached whole but its last token
+    outputs, cached = serve_in_turn(ModelRunner(model, block_size=BLOCK, max_model_len=128), prompts, 8)
+    assert outputs == expected
+    assert cached == ([0, 32, 32, 16] if shared == 32 else [0, 32, 32, 32])
+
+
 def test_preemption_under_a_small_cache_keeps_greedy_output():
     model = model_of("llama")
     expected = [generate(model, p, 30) for p in PROMPTS]

@@ -13,11 +13,18 @@ BLOCK = 4
 
 
 def sequence(seq_id: int, prompt_len: int) -> Sequence:
-    return Sequence(seq_id, list(range(1, prompt_len + 1)), SamplingParams(max_new_tokens=64), frozenset())
+    """A prompt of its own: no two sequences share a prefix unless a test says so."""
+    first = 1000 * (seq_id + 1)
+    return Sequence(seq_id, list(range(first, first + prompt_len)), SamplingParams(max_new_tokens=64), frozenset())
 
 
-def scheduler(num_blocks: int, max_num_seqs: int = 8, max_prefill_tokens: int = 64, watermark: int = 0):
-    return Scheduler(BlockManager(num_blocks, BLOCK), max_num_seqs=max_num_seqs,
+def with_prompt(seq_id: int, prompt) -> Sequence:
+    return Sequence(seq_id, list(prompt), SamplingParams(max_new_tokens=64), frozenset())
+
+
+def scheduler(num_blocks: int, max_num_seqs: int = 8, max_prefill_tokens: int = 64, watermark: int = 0,
+              caching: bool = True):
+    return Scheduler(BlockManager(num_blocks, BLOCK, enable_caching=caching), max_num_seqs=max_num_seqs,
                      max_prefill_tokens=max_prefill_tokens, watermark_blocks=watermark)
 
 
@@ -26,6 +33,7 @@ def run_step(sched: Scheduler, token: int = 7):
     step = sched.schedule()
     for chunk in step.chunks:
         chunk.seq.num_computed = chunk.end
+        sched.blocks.mark_computed(chunk.seq, chunk.start, chunk.end)
         if chunk.samples:
             chunk.seq.output_token_ids.append(token)
     return step
@@ -77,8 +85,8 @@ def test_out_of_blocks_preempts_the_newest_which_resumes_later():
     assert list(sched.waiting) == [new] and new.output_token_ids == [7]  # kept: recomputed from prompt + output
     sched.finish(old)
     step = run_step(sched)
-    assert [(c.seq.id, c.start, c.end, c.samples) for c in step.chunks] == [(1, 0, 5, True)]
-    assert new.output_token_ids == [7, 7]  # its stream simply continues
+    assert [(c.seq.id, c.start, c.end, c.samples) for c in step.chunks] == [(1, 4, 5, True)]  # its prompt's
+    assert new.output_token_ids == [7, 7]  # block was still cached; its stream simply continues
 
 
 def test_a_lone_sequence_out_of_blocks_preempts_itself_without_looping():
@@ -149,3 +157,117 @@ def test_blocks_and_slots(tokens, blocks):
     assert slots == [seq.block_table[p // BLOCK] * BLOCK + p % BLOCK for p in range(tokens)]
     manager.free(seq)
     assert manager.num_free == 8
+
+
+# ---- prefix caching ---------------------------------------------------------------------------------------
+
+PREFIX = list(range(100, 110))  # two full blocks and a half
+
+
+def chunks_of(step) -> list[tuple[int, int, int]]:
+    return [(c.seq.id, c.start, c.end) for c in step.chunks]
+
+
+def test_a_shared_prefix_is_computed_once_and_its_full_blocks_shared():
+    sched = scheduler(num_blocks=1 + 16)
+    first = with_prompt(0, PREFIX + [1, 2])
+    sched.add(first)
+    run_step(sched)
+    second = with_prompt(1, PREFIX + [3])
+    sched.add(second)
+    assert chunks_of(run_step(sched)) == [(0, 12, 13), (1, 8, 11)]  # its first two blocks were cached
+    assert second.num_cached_tokens == 8 and first.num_cached_tokens == 0
+    assert second.block_table[:2] == first.block_table[:2] and second.block_table[2] != first.block_table[2]
+    assert [sched.blocks.block(b).ref_count for b in second.block_table] == [2, 2, 1]
+
+
+def test_a_wholly_cached_prompt_recomputes_its_last_block_into_one_of_its_own():
+    sched = scheduler(num_blocks=1 + 16)
+    prompt = list(range(100, 108))  # exactly two blocks
+    first = with_prompt(0, prompt)
+    sched.add(first)
+    run_step(sched)
+    again = with_prompt(1, prompt)
+    sched.add(again)
+    step = run_step(sched)
+    assert chunks_of(step)[-1] == (1, 4, 8) and step.chunks[-1].samples  # the last token's logits are needed
+    assert again.block_table[0] == first.block_table[0] and again.block_table[1] != first.block_table[1]
+    twin = sched.blocks.block(again.block_table[1])
+    assert twin.ref_count == 1 and twin.hash is None  # first's block stays the cached one: this one is private
+
+
+def test_sequences_sharing_a_prompt_wait_for_its_one_computation():
+    sched = scheduler(num_blocks=1 + 32, max_prefill_tokens=8)
+    siblings = [with_prompt(i, PREFIX + [1, 2, 3, 4, 5, 6]) for i in range(3)]  # 16 tokens: 4 blocks
+    late = with_prompt(3, range(500, 504))
+    for seq in (*siblings, late):
+        sched.add(seq)
+    assert chunks_of(run_step(sched)) == [(0, 0, 8)]  # the others wait for its blocks, and late behind them
+    assert chunks_of(run_step(sched)) == [(0, 8, 16)]  # 1 would begin with blocks 0 is computing
+    assert chunks_of(run_step(sched)) == [(0, 16, 17), (1, 12, 16), (2, 12, 16)]
+    assert chunks_of(run_step(sched)) == [(0, 17, 18), (1, 16, 17), (2, 16, 17), (3, 0, 4)]
+    shared = siblings[0].block_table[:3]
+    assert all(s.block_table[:3] == shared for s in siblings)
+    assert [sched.blocks.block(b).ref_count for b in shared] == [3, 3, 3]
+
+
+def test_freed_blocks_stay_cached_and_are_taken_back():
+    sched = scheduler(num_blocks=1 + 3)
+    first = with_prompt(0, PREFIX)
+    sched.add(first)
+    run_step(sched)
+    sched.finish(first)
+    assert sched.blocks.num_free == 3
+    second = with_prompt(1, PREFIX[:8] + [1, 2, 3, 4])  # needs 3 blocks; 2 of them are the free cached ones
+    sched.add(second)
+    assert chunks_of(run_step(sched)) == [(1, 8, 12)]
+    assert sched.blocks.num_free == 0
+
+
+def test_reviving_free_cached_blocks_counts_against_the_free_ones():
+    sched = scheduler(num_blocks=1 + 4)
+    first = with_prompt(0, PREFIX)
+    sched.add(first)
+    run_step(sched)
+    sched.finish(first)
+    hog = with_prompt(1, range(500, 504))
+    sched.add(hog)
+    run_step(sched)  # 3 free blocks left, 2 of them cached for PREFIX
+    second = with_prompt(2, PREFIX[:8] + list(range(600, 608)))  # 2 cached blocks + 2 new: 4 > 3 free
+    sched.add(second)
+    assert chunks_of(run_step(sched)) == [(1, 4, 5)] and list(sched.waiting) == [second]
+    sched.finish(hog)
+    assert chunks_of(run_step(sched)) == [(2, 8, 16)]
+
+
+def test_eviction_takes_blocks_with_nothing_cached_first_then_chains_from_their_tails():
+    sched = scheduler(num_blocks=1 + 5)
+    first = with_prompt(0, PREFIX[:9])  # two full blocks and one token
+    sched.add(first)
+    run_step(sched)
+    head, tail, partial = first.block_table
+    sched.finish(first)
+    other = with_prompt(1, range(500, 516))  # four blocks: the two never used, the partial one, first's tail
+    sched.add(other)
+    run_step(sched)
+    assert sorted(other.block_table) == sorted({1, 2, 3, 4, 5} - {head})
+    assert partial in other.block_table and tail in other.block_table
+    assert sched.blocks.lookup(with_prompt(2, PREFIX)).blocks == [head]  # the tail's hash went with it
+
+
+def test_caching_off_computes_every_prompt():
+    sched = scheduler(num_blocks=1 + 16, caching=False)
+    for seq_id in range(2):
+        sched.add(with_prompt(seq_id, PREFIX))
+    assert chunks_of(run_step(sched)) == [(0, 0, 10), (1, 0, 10)]
+    assert sched.running[1].num_cached_tokens == 0
+
+
+def test_a_lookup_stops_before_the_last_token_even_when_its_block_hash_is_known():
+    manager = BlockManager(1 + 8, BLOCK)
+    first, second = with_prompt(0, PREFIX[:8]), with_prompt(1, PREFIX[:8])
+    manager.grow(first, 8)
+    manager.mark_computed(first, 0, 8)
+    manager.grow(second, 8)  # hashes both its blocks (as a prefill chunk does), then is preempted before computing
+    manager.free(second)
+    assert manager.lookup(second).blocks == first.block_table[:1]

@@ -25,6 +25,14 @@ def test_kv_cache_bytes_accepts_units():
     assert int(load_settings(["--kv_cache_bytes=512MiB"]).kv_cache_bytes) == 512 * 1024**2
 
 
+def test_prefix_caching_is_on_unless_turned_off(monkeypatch):
+    assert load_settings([]).enable_prefix_caching
+    assert not load_settings(["--no-enable_prefix_caching"]).enable_prefix_caching
+    monkeypatch.setenv("PREDICTOR_ENABLE_PREFIX_CACHING", "false")
+    assert not load_settings([]).enable_prefix_caching
+    assert load_settings(["--enable_prefix_caching"]).enable_prefix_caching
+
+
 @pytest.mark.parametrize(
     "argv, named",
     [

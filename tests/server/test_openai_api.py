@@ -319,6 +319,59 @@ def test_metrics_cover_requests_tokens_and_latencies(server, client):
     assert 'predictor_request_finished_total{finished_reason="length"}' in text
 
 
+def long_prompt(topic: str) -> str:
+    """A prompt of its own spanning many KV blocks (16 tokens each): no other test's prompt shares its blocks."""
+    return f"A ledger about {topic}. " + " ".join(f"Line {i} notes the {topic} at dawn;" for i in range(24))
+
+
+def cached_tokens(usage) -> int:
+    return usage.prompt_tokens_details.cached_tokens
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_with_the_same_text(server, client, reference):
+    prompt, tokenizer = long_prompt("tides"), reference[1]
+    length = len(tokenizer(prompt).input_ids)
+    hits, queries = (metric(server, f"predictor_prefix_cache_{name}_total") for name in ("hits", "queries"))
+    first = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=8, temperature=0)
+    again = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=8, temperature=0)
+    longer = client.completions.create(model=server.model_name, prompt=prompt + " Then", max_tokens=8,
+                                       temperature=0)
+    assert first.choices[0].text == again.choices[0].text == greedy_reference(reference, prompt, 8)
+    assert longer.choices[0].text == greedy_reference(reference, prompt + " Then", 8)
+    assert cached_tokens(first.usage) == 0
+    assert cached_tokens(again.usage) == (length - 1) // 16 * 16 > 0  # whole blocks, never the last token
+    assert cached_tokens(longer.usage) >= cached_tokens(again.usage)
+    assert metric(server, "predictor_prefix_cache_hits_total") - hits == cached_tokens(again.usage) + cached_tokens(
+        longer.usage)
+    expected_queries = 2 * length + len(tokenizer(prompt + " Then").input_ids)
+    assert metric(server, "predictor_prefix_cache_queries_total") - queries == expected_queries
+
+
+def test_n_choices_compute_their_prompt_once(server, client, reference):
+    prompt = long_prompt("winds")
+    length = len(reference[1](prompt).input_ids)
+    hits = metric(server, "predictor_prefix_cache_hits_total")
+    response = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=4, n=4, temperature=0)
+    assert [c.text for c in response.choices] == [greedy_reference(reference, prompt, 4)] * 4
+    assert metric(server, "predictor_prefix_cache_hits_total") - hits == 3 * ((length - 1) // 16 * 16)
+    assert cached_tokens(response.usage) == 0  # the usage counts the prompt once: as choice 0 found it
+
+
+def test_streamed_chat_usage_reports_cached_tokens(server, client):
+    messages = [{"role": "system", "content": long_prompt("currents")}, {"role": "user", "content": "Go on."}]
+
+    def usage():
+        stream = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=4,
+                                                temperature=0, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert chunks[-1].choices == []
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+
+    (first_text, first), (again_text, again) = usage(), usage()
+    assert again_text == first_text
+    assert cached_tokens(first) == 0 and cached_tokens(again) == (first.prompt_tokens - 1) // 16 * 16 > 0
+
+
 def test_openapi_document_lists_the_openai_routes_with_their_models(server):
     spec = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     for path in ("/openai/v1/completions", "/openai/v1/chat/completions", "/openai/v1/models"):

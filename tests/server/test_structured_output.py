@@ -110,6 +110,17 @@ def test_constrained_and_free_requests_together_keep_the_free_ones_exact(server,
         jsonschema.validate(json.loads(response.choices[0].message.content), REPLY_SCHEMA)
 
 
+def test_json_from_the_prefix_cache_is_the_json_computed_afresh(server, client):
+    for jars, params in ((3, {"temperature": 0}), (5, {"temperature": 1.0, "seed": 3})):
+        system = "You keep an inventory. " + " ".join(f"Shelf {i} holds {i * jars} jars;" for i in range(30))
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": "Reply in JSON"}]
+        first, again = (client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=64,
+                                                       response_format=REPLY_FORMAT, **params) for _ in range(2))
+        assert again.choices[0].message.content == first.choices[0].message.content
+        assert again.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens_details.cached_tokens
+        jsonschema.validate(json.loads(first.choices[0].message.content), REPLY_SCHEMA)
+
+
 def test_text_format_changes_nothing(server, client, reference):
     completion = client.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=8, temperature=0,
                                            extra_body={"response_format": {"type": "text"}})

@@ -80,6 +80,7 @@ def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_p
         assert worker.json()["text"] == greedy_reference(reference, PROMPTS[1], 6)
         assert_tp_streams_n_choices_with_logprobs(server, reference)
         assert_tp_structured_output_validates(server)
+        assert_tp_prefix_cache_hit_keeps_greedy_text(server, reference)
         ranks = ranks_of(server.process.pid)
         assert sorted(ranks) == [0, 1]
 
@@ -113,6 +114,17 @@ def assert_tp_streams_n_choices_with_logprobs(server, reference) -> None:
     assert texts[0] == texts[1] == greedy_reference(reference, PROMPTS[2], 5)
     # The two choices share one packed forward: float32 rounding may differ in the last digits, nothing more.
     assert len(logprobs[0]) == 5 and logprobs[0] == pytest.approx(logprobs[1], abs=1e-5)
+
+
+def assert_tp_prefix_cache_hit_keeps_greedy_text(server, reference) -> None:
+    """Rank 0 alone decides what is cached; the followers only see block tables in the step."""
+    client = openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+    prompt = " ".join(f"Step {i} of the long climb;" for i in range(12))
+    expected = greedy_reference(reference, prompt, 5)
+    for cached in (False, True):
+        response = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=5, temperature=0)
+        assert response.choices[0].text == expected
+        assert (response.usage.prompt_tokens_details.cached_tokens > 0) == cached
 
 
 def _is_zombie(pid: int) -> bool:

@@ -54,3 +54,16 @@ def test_kernel_bench_says_it_needs_cuda_and_succeeds_without_it(capsys):
     assert kernel_bench.main() == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert "needs CUDA" in line
+
+
+def test_shared_prefix_bench_reports_ttft_and_cached_tokens(server, tiny_llama, tmp_path, capsys):
+    """Against a running server (a local run starts one with prefix caching and one without, the same way)."""
+    code = main(["bench", "--shared_prefix_tokens", "100", "--url", server.url, "--model", server.model_name,
+                 "--model_dir", str(tiny_llama), "--results_dir", str(tmp_path)])
+    assert code == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| as served")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert all(re.fullmatch(NUMBER, cell) and float(cell) > 0 for cell in cells[1:4]), row
+    assert cells[4] == "96"  # the second prompt found the 100-token prefix's whole 16-token blocks cached
+    (run_dir,) = tmp_path.iterdir()
+    assert row in (run_dir / "shared-prefix.md").read_text()

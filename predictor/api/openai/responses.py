@@ -21,6 +21,7 @@ from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
 from openai.types.completion_choice import Logprobs
+from openai.types.completion_usage import PromptTokensDetails
 
 from predictor.api.errors import INTERNAL_ERROR, error_body
 from predictor.api.service import GenerationFailed
@@ -46,6 +47,7 @@ class ResponseBuilder:
         self.created = int(time.time())
         self.token_texts = TokenTexts(tokenizer)
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of prompt_tokens, those the prefix cache held
         self.completion_tokens = 0
         self.generated: dict[int, int] = defaultdict(int)  # per choice, so far
         self._skeleton: dict | None = None  # a chunk with no choices, as the openai type serialises it
@@ -87,6 +89,7 @@ class ResponseBuilder:
             raise GenerationFailed(f"generation failed: {event.error}")
         if index % self.n == 0:  # n choices of one prompt count its tokens once
             self.prompt_tokens += event.prompt_tokens
+            self.cached_tokens += event.cached_tokens
         self.completion_tokens += event.completion_tokens
         self.generated[index] = event.completion_tokens
         return "length" if event.finish_reason == "length" else "stop"
@@ -100,7 +103,8 @@ class ResponseBuilder:
 
     def usage(self) -> CompletionUsage:
         return CompletionUsage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                               total_tokens=self.prompt_tokens + self.completion_tokens)
+                               total_tokens=self.prompt_tokens + self.completion_tokens,
+                               prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
     def chunk_usage(self, index: int) -> CompletionUsage | None:
         """What a chunk about choice index carries as usage: nothing, unless continuous_usage_stats."""

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from predictor.tools.bench import client, machine, report, server
+from predictor.tools.bench import client, machine, prefix, report, server
 from predictor.tools.bench.baseline import BaselineResult, run_one_at_a_time
 from predictor.tools.bench.raw_loop import load_model, median_prefill_seconds, run_compiled_loop, run_raw_loop
 from predictor.tools.bench.results import RATIO_STREAMS, BenchRun, SweepPoint
@@ -60,6 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="where --shape models are saved (once; 13.5 GB for llama-2-7b in bfloat16)")
     parser.add_argument("--sampled", action="store_true",
                         help="run the largest wave again sampling (temperature 0.8, top_p 0.9, a seed per request)")
+    parser.add_argument("--shared_prefix_tokens", type=int,
+                        help="instead of the sweep: TTFT of a prompt of this many tokens, then of the same prompt "
+                             "plus a short suffix, with prefix caching on and off (what the prefix cache saves)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run: {QUICK['concurrency']} streams, prompts {QUICK['prompt_tokens']}, "
                              f"max_tokens {QUICK['max_tokens']}")
@@ -72,6 +75,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.prompt_tokens, args.max_tokens = parse_range(args.prompt_tokens), parse_range(args.max_tokens)
     except ValueError as err:
         parser.error(str(err))
+    if args.shared_prefix_tokens is not None:
+        if args.shared_prefix_tokens < 2:
+            parser.error("--shared_prefix_tokens must be at least 2")
+        args.max_model_len = max(args.max_model_len, args.shared_prefix_tokens + 64)  # the suffix and new tokens
     if args.url and not args.model:
         parser.error("--url needs --model, the name the endpoint serves")
     if min(args.concurrency) < 1:
@@ -175,9 +182,14 @@ def measure_sampled(args, target: client.Target, workload: list[BenchRequest]) -
     return wave
 
 
-def server_flags(args) -> list[str]:
+# The sweep sends the same prompts at every concurrency: a prefix cache would serve the later waves' prompts from
+# the earlier ones' blocks, while the raw loop prefills each time. --server_args may turn it back on.
+SWEEP_FLAGS = ("--no-enable_prefix_caching",)
+
+
+def server_flags(args, *fixed: str) -> list[str]:
     return [f"--max_num_seqs={args.max_num_seqs}", f"--max_model_len={args.max_model_len}",
-            f"--device={args.device}", f"--dtype={args.dtype}", *shlex.split(args.server_args)]
+            f"--device={args.device}", f"--dtype={args.dtype}", *fixed, *shlex.split(args.server_args)]
 
 
 def load_tokenizer(model_dir: Path):
@@ -191,6 +203,8 @@ def main(argv: list[str]) -> int:
     for chatty in ("httpx", "matplotlib"):  # a line per request or font scan would bury the progress lines
         logging.getLogger(chatty).setLevel(logging.WARNING)
     run_dir = args.results_dir / time.strftime("%Y%m%d-%H%M%S")
+    if args.shared_prefix_tokens is not None:
+        return measure_shared_prefix(args, run_dir)
     try:
         run = measure(args, run_dir)
     except client.ServerRefused as err:
@@ -203,6 +217,25 @@ def main(argv: list[str]) -> int:
         print(f"(no {RATIO_STREAMS}-stream wave: the ratio below is for {run.headline_point.concurrency} streams)")
     print(report.ratio_line(run))
     sys.stdout.flush()
+    return 0
+
+
+def measure_shared_prefix(args, run_dir: Path) -> int:
+    from predictor.tools.demo import ensure_demo_model
+
+    if args.shape:
+        args.model_dir = make_shape_model(args.shape, args.models_dir, args.device, args.dtype)
+    tokenizer = load_tokenizer(args.model_dir or ensure_demo_model())
+    try:
+        results = prefix.run(args, tokenizer, args.model_dir, server_flags(args), run_dir)
+    except client.ServerRefused as err:
+        print(f"llm-predictor bench: the server refused a request: {err}", file=sys.stderr)
+        return 1
+    text = prefix.table(results, args.shared_prefix_tokens)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "shared-prefix.md").write_text(text)
+    print(text)
+    print(f"results: {run_dir / 'shared-prefix.md'}")
     return 0
 
 
@@ -224,7 +257,8 @@ def measure(args, run_dir: Path) -> BenchRun:
     workload = build_workload(tokenizer, count, args.prompt_tokens, args.max_tokens, args.seed)
 
     in_process = measure_in_process(args, local_model_dir, workload, pad_id) if local_model_dir else None
-    local = None if args.url else server.start(run_dir / "server.log", args.model_dir, args.model, server_flags(args))
+    flags = server_flags(args, *SWEEP_FLAGS)
+    local = None if args.url else server.start(run_dir / "server.log", args.model_dir, args.model, flags)
     try:
         target = client.Target(args.url or local.url, args.model, args.api_key)
         points = measure_server(args, target, workload, local, notes)
@@ -245,7 +279,7 @@ def measure(args, run_dir: Path) -> BenchRun:
                        f"paragraph (seed {args.seed}); N streams send the first max(N, {args.min_wave_requests})",
             "generation": f"{args.max_tokens[0]}-{args.max_tokens[1]} new tokens per request, greedy, ignore_eos",
         },
-        server=args.url or f"local, python -m predictor {' '.join(server_flags(args))}",
+        server=args.url or f"local, python -m predictor {' '.join(flags)}",
         points=points,
         baseline=in_process.baseline if in_process else None,
         single_prefill_s=in_process.single_prefill_s if in_process else None,

@@ -25,6 +25,7 @@ class StreamResult:
     gaps_s: list[float] = field(default_factory=list)  # between later text chunks
     completion_tokens: int = 0
     finish_reason: str | None = None
+    cached_tokens: int | None = None  # prompt tokens the server's prefix cache held, when its usage says
 
 
 @dataclass
@@ -99,6 +100,7 @@ async def stream_completion(client: httpx.AsyncClient, target: Target, request: 
             now, chunk = time.perf_counter(), json.loads(payload)
             if chunk.get("usage"):
                 usage_tokens = chunk["usage"]["completion_tokens"]
+                result.cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
             for choice in chunk.get("choices") or []:
                 result.finish_reason = choice.get("finish_reason") or result.finish_reason
                 if not choice.get("text"):
