@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step.")
     chat_template: str | None = Field(None, description=f"One of {BUILTIN_CHAT_TEMPLATES} or a Jinja file.")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="Larger request bodies are refused with 413.")
+    max_schema_bytes: int = Field(
+        32 * 2**10, ge=64, description="Structured output: larger JSON schemas (serialized) are refused with 400; "
+        "compiling one costs more than its size (up to seconds at the default)."
+    )
     api_key: SecretStr | None = Field(
         None, description="If set, every route but the probes requires 'Bearer <key>'. Prefer the environment "
         "(PREDICTOR_API_KEY) or api_key_file: a command line is readable by every local user."

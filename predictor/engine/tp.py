@@ -102,9 +102,9 @@ class LeaderRunner:
         self._announce(Op.STEP, inputs.pack())
         return self.runner.execute(inputs)
 
-    def embed(self, token_ids: list[int]) -> torch.Tensor:
-        self._announce(Op.EMBED, torch.tensor(token_ids, dtype=torch.int64))
-        return self.runner.embed(token_ids)
+    def embed(self, prompts: list[list[int]]) -> torch.Tensor:
+        self._announce(Op.EMBED, pack_prompts(prompts))
+        return self.runner.embed(prompts)
 
     def check_device(self) -> None:
         self.runner.check_device()
@@ -131,4 +131,19 @@ def follow(runner, control: dist.ProcessGroup) -> None:
         if op == Op.STEP:
             runner.execute(ModelInputs.unpack(payload))
         elif op == Op.EMBED:
-            runner.embed(payload.tolist())
+            runner.embed(unpack_prompts(payload))
+
+
+def pack_prompts(prompts: list[list[int]]) -> torch.Tensor:
+    """[count, length of each, then every prompt's ids] as one int64 tensor."""
+    return torch.tensor([len(prompts), *map(len, prompts), *(t for p in prompts for t in p)], dtype=torch.int64)
+
+
+def unpack_prompts(packed: torch.Tensor) -> list[list[int]]:
+    values = packed.tolist()
+    count = values[0]
+    prompts, offset = [], 1 + count
+    for length in values[1 : 1 + count]:
+        prompts.append(values[offset : offset + length])
+        offset += length
+    return prompts
