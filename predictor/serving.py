@@ -51,6 +51,7 @@ def load(settings: Settings, rank: Rank | None) -> Loaded:
             verify_manifest(model_dir, settings.verify_weights)
         except ManifestError as err:
             raise loader.LoadError(f"verify_weights: {err}") from None
+        loader.check_model_files(model_dir)
     tp_size = settings.tensor_parallel_size
     loader.check_tensor_parallel_size(config, tp_size)
     device = loader.resolve_device(settings.device, rank.local_rank if rank else 0)
@@ -84,7 +85,7 @@ def build_service(settings: Settings, loaded: Loaded) -> GenerationService:
         max_model_len=loaded.max_model_len,
         max_queue=settings.max_queue,
         eos_token_ids=eos_token_ids,
-        grammars=_grammars(tokenizer, loaded.runner.vocab_size, eos_token_ids),
+        grammars=_grammars(tokenizer, loaded.runner.vocab_size, eos_token_ids, settings.max_schema_bytes),
         on_fatal=_exit_soon,
     )
     engine.start()
@@ -96,11 +97,11 @@ def build_service(settings: Settings, loaded: Loaded) -> GenerationService:
                              shape)
 
 
-def _grammars(tokenizer, vocab_size: int, eos_token_ids: set[int]) -> Grammars | None:
+def _grammars(tokenizer, vocab_size: int, eos_token_ids: set[int], max_schema_bytes: int) -> Grammars | None:
     """Structured output's grammar compiler over the tokenizer's vocabulary; None (structured output refused) if
     xgrammar cannot read this tokenizer."""
     try:
-        return Grammars.for_tokenizer(tokenizer, vocab_size, eos_token_ids)
+        return Grammars.for_tokenizer(tokenizer, vocab_size, eos_token_ids, max_schema_bytes)
     except Exception as err:  # noqa: BLE001 - the model is still served, without structured output
         logger.warning("structured output (response_format) is off: this tokenizer cannot be used by xgrammar: %s",
                        err)
