@@ -103,6 +103,13 @@ class Engine:
         while self._pending or self.core.has_work or self._embedding_jobs:
             await asyncio.sleep(poll_s)
 
+    def fail(self, err: BaseException) -> None:
+        """Something outside the engine thread found the engine unusable (a tensor-parallel rank stopped
+        answering while this thread may be waiting on it): readiness turns 503 and on_fatal runs."""
+        if self.error is None:
+            self.error = err
+            self.on_fatal(err)
+
     def check_device(self) -> None:
         """Raises if the model's device cannot run a tiny operation."""
         self.runner.check_device()
@@ -244,6 +251,8 @@ class Engine:
                 self._preempted = self.core.num_preempted_waiting
                 self._emit([_event(o) for o in outputs])
         except BaseException as err:  # noqa: BLE001 - any failure ends every request and the engine
+            if self.error is not None:  # fail() came first; this is what it left the thread waiting on
+                return
             logger.exception("engine failed")
             self.error = err
             self._fail_all(err)
