@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, le=512)
     max_model_len: int | None = Field(None, ge=16, description="Prompt + generated tokens per sequence.")
     max_num_seqs: int = Field(256, ge=1, le=4096, description="Sequences decoded together in one batch.")
-    max_queue: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
+    max_queue: int = Field(256, ge=0, description="Waiting generations and embedding inputs beyond which new ones "
+                           "get 429; a request with more items (instances, inputs, prompts x n) is a 400.")
     gpu_memory_utilization: float = Field(
         0.90, gt=0.0, le=1.0, description="CUDA: share of the device's memory for weights, activations and the KV "
         "cache, which gets what the weights and the largest step leave (as vLLM does)."
@@ -54,7 +55,8 @@ class Settings(BaseSettings):
         f"(the default on the CPU is {CPU_KV_CACHE_BYTES // 2**30}GiB)."
     )
     block_size: Literal[16, 32, 64, 128] = Field(16, description="Tokens per KV cache block.")
-    max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step.")
+    max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step, and "
+                                    "embedding tokens (padded) computed between two steps.")
     chat_template: str | None = Field(None, description=f"One of {BUILTIN_CHAT_TEMPLATES} or a Jinja file.")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="Larger request bodies are refused with 413.")
     max_schema_bytes: int = Field(
