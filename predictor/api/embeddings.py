@@ -96,11 +96,11 @@ async def _token_lists(service: GenerationService, given, vocab_size: int) -> li
         raise InvalidRequest("input", "must not be empty")
     if len(given) > MAX_EMBEDDING_INPUTS:
         raise InvalidRequest("input", f"{len(given)} inputs exceed the limit of {MAX_EMBEDDING_INPUTS} per request")
-    service.engine.check_request_size(len(given) if not isinstance(given[0], int) else 1, "input")
-    if isinstance(given[0], str):
-        return [await _encode_text(service, text, f"input[{i}]") for i, text in enumerate(given)]
     if isinstance(given[0], int):
         given = [given]
+    service.engine.check_request_size(len(given), "input")  # before tokenizing any
+    if isinstance(given[0], str):
+        return [await _encode_text(service, text, f"input[{i}]") for i, text in enumerate(given)]
     for i, ids in enumerate(given):
         _check_token_ids(ids, vocab_size, f"input[{i}]", service.max_model_len)
     return given
