@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, le=512)
     max_model_len: int | None = Field(None, ge=16, description="Prompt + generated tokens per sequence.")
     max_num_seqs: int = Field(256, ge=1, le=4096, description="Sequences decoded together in one batch.")
-    max_queue: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
+    max_queue: int = Field(256, ge=0, description="Waiting generations and embedding inputs beyond which new ones "
+                           "get 429; a request with more items (instances, inputs, prompts x n) is a 400.")
     gpu_memory_utilization: float = Field(
         0.90, gt=0.0, le=1.0, description="CUDA: share of the device's memory for weights, activations, CUDA graphs "
         "and the KV cache, which gets what the weights, the worst step (as vLLM does) and the graphs leave."
@@ -58,13 +59,18 @@ class Settings(BaseSettings):
         False, description="CUDA: capture no CUDA graphs; every step runs eagerly (vLLM's flag). Graphs replay "
         "decode-only steps of up to 512 sequences; their memory comes out of the KV cache's budget."
     )
-    max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step.")
+    max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step, and "
+                                    "embedding tokens (padded) computed between two steps.")
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV cache of prompt prefixes earlier requests computed (a system prompt, earlier "
         "turns): full blocks are kept, by content, until their memory is needed. Off: every prompt is computed whole."
     )
     chat_template: str | None = Field(None, description=f"One of {BUILTIN_CHAT_TEMPLATES} or a Jinja file.")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="Larger request bodies are refused with 413.")
+    max_schema_bytes: int = Field(
+        32 * 2**10, ge=64, description="Structured output: larger JSON schemas (serialized) are refused with 400; "
+        "compiling one costs more than its size (up to seconds at the default)."
+    )
     api_key: SecretStr | None = Field(
         None, description="If set, every route but the probes requires 'Bearer <key>'. Prefer the environment "
         "(PREDICTOR_API_KEY) or api_key_file: a command line is readable by every local user."

@@ -1,10 +1,16 @@
-"""Load tokenizer and weights: device, dtype, tensor-parallel sharding and its head-count check."""
+"""Load tokenizer and weights: device, dtype, tensor-parallel sharding and its head-count check.
+
+A model directory that cannot be served (unreadable config.json, sizes of zero, a truncated weight file, a broken
+tokenizer) is a LoadError naming the file and the problem, found before the weights load where it can be.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from predictor import model_facts
@@ -33,10 +39,50 @@ def resolve_dtype(setting: str, device: torch.device, config) -> torch.dtype:
     return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "generation_config.json")
+
+
 def load_config(model_dir: Path, trust_remote_code: bool = False):
-    if not (model_dir / "config.json").is_file():
+    path = model_dir / "config.json"
+    if not path.is_file():
         raise LoadError(f"model_dir: {model_dir} has no config.json")
-    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise LoadError(f"{path}: not a JSON object")
+    try:
+        model_facts.check_sizes(raw.get("text_config") or raw)
+    except model_facts.ModelFactsError as err:
+        raise LoadError(f"{path}: {err}") from None
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers refuses a config in many ways (OSError, ValueError, KeyError, ...)
+        raise LoadError(f"{path}: transformers cannot use it: {_one_line(err)}") from None
+
+
+def check_model_files(model_dir: Path) -> None:
+    """The tokenizer's JSON files parse and every safetensors file's header matches its size (a file cut short
+    is found here, in seconds, not after minutes of loading the others)."""
+    for name in TOKENIZER_JSON_FILES:
+        if (model_dir / name).is_file():
+            _read_json(model_dir / name)
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise LoadError(f"{path}: unreadable weights (truncated or corrupted?): {_one_line(err)}") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as err:  # also UnicodeDecodeError
+        raise LoadError(f"{path}: not valid JSON: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def check_tensor_parallel_size(config, tp_size: int) -> None:
@@ -55,7 +101,10 @@ def text_config_dict(config) -> dict:
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as err:  # a tokenizer file transformers cannot use, whichever way it says so
+        raise LoadError(f"model_dir: the tokenizer in {model_dir} cannot be loaded: {_one_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -66,11 +115,13 @@ def load_model(model_dir: Path, config, dtype: torch.dtype, device: torch.device
     if tp_size > 1:
         from transformers.distributed import DistributedConfig
 
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, config=config, distributed_config=DistributedConfig(tp_size=tp_size), **kwargs
-        )
+        kwargs["distributed_config"] = DistributedConfig(tp_size=tp_size)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, device_map=device, **kwargs)
+        kwargs["device_map"] = device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, **kwargs)
+    except (OSError, SafetensorError) as err:  # a weight file missing or unreadable
+        raise LoadError(f"model_dir: the weights in {model_dir} cannot be loaded: {_one_line(err)}") from None
     return model.eval()
 
 

@@ -10,7 +10,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from predictor.engine import Engine, Finished, GenerationStream
 
 RUNNING = Gauge("predictor_num_requests_running", "Requests in the decode batch.")
-WAITING = Gauge("predictor_num_requests_waiting", "Requests queued for a KV cache slot.")
+WAITING = Gauge("predictor_num_requests_waiting", "Requests queued for a KV cache slot, and embedding inputs "
+                "queued to be computed.")
 KV_USAGE = Gauge("predictor_kv_cache_usage_ratio", "Share of the KV cache's token capacity in use.")
 
 HTTP_REQUESTS = Counter("predictor_http_requests", "HTTP requests answered, by route and status.",
@@ -22,6 +23,8 @@ PREFIX_CACHE_QUERIES = Counter("predictor_prefix_cache_queries",
 PREFIX_CACHE_HITS = Counter("predictor_prefix_cache_hits",
                             "Prompt tokens found in the prefix cache (not computed again), over finished requests.")
 FINISHED = Counter("predictor_request_finished", "Generation requests finished, by reason.", ["finished_reason"])
+EMBEDDING_PROMPTS = Counter("predictor_embedding_prompts", "Embedding inputs computed, or dropped before they were "
+                            "because their client left (cancelled).", ["outcome"])
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 TTFT = Histogram("predictor_time_to_first_token_seconds", "Submission to first generated token.",
@@ -37,6 +40,7 @@ def watch(engine: Engine) -> None:
     WAITING.set_function(lambda: engine.stats["waiting"])
     KV_USAGE.set_function(lambda: engine.stats["kv_cache_usage"])
     engine.on_finished = observe_finished
+    engine.on_embeddings = lambda outcome, count: EMBEDDING_PROMPTS.labels(outcome).inc(count)
 
 
 def observe_finished(stream: GenerationStream, finished: Finished) -> None:

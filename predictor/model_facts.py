@@ -8,6 +8,10 @@ catalog; the chart's `_sizing.tpl` follows the same rule (tests check they agree
 from __future__ import annotations
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
+HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads")
+KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads")
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 
 
 class ModelFactsError(ValueError):
@@ -20,7 +24,7 @@ def first_key(config: dict, *names: str, default=None):
 
 def head_counts(config: dict) -> tuple[int, int]:
     """(attention heads, KV heads)."""
-    heads = first_key(config, "num_attention_heads", "n_head", "num_heads")
+    heads = first_key(config, *HEAD_KEYS)
     if heads is None:
         raise ModelFactsError("no attention head count (num_attention_heads)")
     kv_heads = config.get("num_key_value_heads")
@@ -35,12 +39,20 @@ def head_counts(config: dict) -> tuple[int, int]:
     return int(heads), int(kv_heads)
 
 
+def check_sizes(config: dict) -> None:
+    """Every head, layer and hidden size config.json gives is a positive integer (transformers divides by them)."""
+    for key in (*HEAD_KEYS, *KV_HEAD_KEYS, *LAYER_KEYS, *HIDDEN_KEYS, "vocab_size"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ModelFactsError(f"{key} is {value!r}; it must be a positive integer")
+
+
 def num_layers(config: dict) -> int:
-    return int(first_key(config, "num_hidden_layers", "n_layer", "num_layers", default=0))
+    return int(first_key(config, *LAYER_KEYS, default=0))
 
 
 def hidden_size(config: dict) -> int:
-    return int(first_key(config, "hidden_size", "n_embd", "d_model", default=0))
+    return int(first_key(config, *HIDDEN_KEYS, default=0))
 
 
 def head_dim(config: dict) -> int:

@@ -26,7 +26,16 @@ from predictor.engine.cuda_graphs import single_process
 from predictor.engine.fast_path import FastPath
 from predictor.engine.model_runner import ModelRunner
 from predictor.engine.structured_output import Grammars
-from predictor.engine.tp import LeaderRunner, Rank, agreement, close_process_groups, follow, init_process_groups
+from predictor.engine.tp import (
+    LeaderRunner,
+    Liveness,
+    Rank,
+    RankLost,
+    agreement,
+    close_process_groups,
+    follow,
+    init_process_groups,
+)
 from predictor.kv_sizing import KVCachePlan, log_plan, plan_kv_cache
 from predictor.tools.demo import ensure_demo_model
 from predictor.tools.manifest import ManifestError, verify_manifest
@@ -43,6 +52,7 @@ class Loaded:
     kv_cache: KVCachePlan
     max_model_len: int
     control: object | None  # the TP control group, None on a single process
+    liveness: Liveness | None = None  # the TP heartbeat, None on a single process
 
 
 def load(settings: Settings, rank: Rank | None) -> Loaded:
@@ -53,11 +63,12 @@ def load(settings: Settings, rank: Rank | None) -> Loaded:
             verify_manifest(model_dir, settings.verify_weights)
         except ManifestError as err:
             raise loader.LoadError(f"verify_weights: {err}") from None
+        loader.check_model_files(model_dir)
     tp_size = settings.tensor_parallel_size
     loader.check_tensor_parallel_size(config, tp_size)
     device = loader.resolve_device(settings.device, rank.local_rank if rank else 0)
     dtype = loader.resolve_dtype(settings.dtype, device, config)
-    control = init_process_groups(device) if rank else None
+    control, liveness_group = init_process_groups(device) if rank else (None, None)
     max_model_len = settings.max_model_len or getattr(config, "max_position_embeddings", None) or 2048
     model = loader.load_model(model_dir, config, dtype, device, tp_size, settings.trust_remote_code)
     runner = ModelRunner(model, block_size=settings.block_size, max_model_len=max_model_len)
@@ -69,11 +80,15 @@ def load(settings: Settings, rank: Rank | None) -> Loaded:
         blocks = torch.tensor([plan.num_blocks])
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control)
         plan = dataclasses.replace(plan, num_blocks=int(blocks))
+    liveness = None
+    if liveness_group is not None:  # from here on the ranks keep in step: a silent one is lost, not slow
+        liveness = Liveness(liveness_group, on_lost=_rank_lost)
+        liveness.start()
     runner.allocate_kv_cache(plan.num_blocks)  # the whole cache now, so memory runs out at load, not under load
     fast_path.capture()
     logger.info("loaded %s: %s on %s, tp=%d, max_model_len %d", model_dir, dtype, device, tp_size, max_model_len)
     log_plan(plan, runner, max_model_len)
-    return Loaded(model_dir, config, runner, plan, max_model_len, control)
+    return Loaded(model_dir, config, runner, plan, max_model_len, control, liveness)
 
 
 def build_service(settings: Settings, loaded: Loaded) -> GenerationService:
@@ -90,10 +105,12 @@ def build_service(settings: Settings, loaded: Loaded) -> GenerationService:
         max_model_len=loaded.max_model_len,
         max_queue=settings.max_queue,
         eos_token_ids=eos_token_ids,
-        grammars=_grammars(tokenizer, loaded.runner.vocab_size, eos_token_ids),
+        grammars=_grammars(tokenizer, loaded.runner.vocab_size, eos_token_ids, settings.max_schema_bytes),
         on_fatal=_exit_soon,
     )
     engine.start()
+    if loaded.liveness is not None:
+        loaded.liveness.on_lost = engine.fail
     metrics.watch(engine)
     template = resolve_chat_template(settings.chat_template, tokenizer)
     text_config = loaded.config.get_text_config()
@@ -102,11 +119,11 @@ def build_service(settings: Settings, loaded: Loaded) -> GenerationService:
                              shape)
 
 
-def _grammars(tokenizer, vocab_size: int, eos_token_ids: set[int]) -> Grammars | None:
+def _grammars(tokenizer, vocab_size: int, eos_token_ids: set[int], max_schema_bytes: int) -> Grammars | None:
     """Structured output's grammar compiler over the tokenizer's vocabulary; None (structured output refused) if
     xgrammar cannot read this tokenizer."""
     try:
-        return Grammars.for_tokenizer(tokenizer, vocab_size, eos_token_ids)
+        return Grammars.for_tokenizer(tokenizer, vocab_size, eos_token_ids, max_schema_bytes)
     except Exception as err:  # noqa: BLE001 - the model is still served, without structured output
         logger.warning("structured output (response_format) is off: this tokenizer cannot be used by xgrammar: %s",
                        err)
@@ -135,6 +152,8 @@ def serve(settings: Settings, rank: Rank | None) -> int:
         model.service.engine.stop()
         if loaded_holder and loaded_holder[0].control is not None:
             LeaderRunner(loaded_holder[0].runner, loaded_holder[0].control).stop()
+    if loaded_holder and loaded_holder[0].liveness is not None:
+        loaded_holder[0].liveness.stop()
     close_process_groups()
     return 0
 
@@ -143,6 +162,7 @@ def run_follower(settings: Settings, rank: Rank) -> int:
     try:
         loaded = load(settings, rank)
         follow(loaded.runner, loaded.control)
+        loaded.liveness.stop()
         close_process_groups()
     except loader.LoadError as err:
         print(f"llm-predictor: {err}", file=sys.stderr)
@@ -164,6 +184,12 @@ def _load_or_exit(model: KServeModel) -> None:
         logger.exception("loading failed")
         print(f"llm-predictor: loading failed: {err}", file=sys.stderr, flush=True)
         os._exit(1)
+
+
+def _rank_lost(err: RankLost) -> None:
+    """Before rank 0's engine runs, and on the other ranks: nothing to drain, exit so that the pod restarts."""
+    print(f"llm-predictor: {err}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _exit_soon(err: BaseException) -> None:

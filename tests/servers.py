@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -82,10 +83,18 @@ def start(model_dir: Path, log: Path, *args: str, **kwargs) -> Server:
 
 def metric(server, name: str, absent: float | None = None) -> float:
     """One sample of /metrics by its full name (labels included); `absent` for a labelled series not yet made."""
+    return metrics(server, name, absent=absent)[0]
+
+
+def metrics(server, *names: str, absent: float | None = None) -> list[float]:
+    """Samples of one /metrics scrape (so they agree with each other), as metric() reads one."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert found or absent is not None, f"{name} is not in /metrics"
-    return float(found.group(1)) if found else absent
+    values = []
+    for name in names:
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        assert found or absent is not None, f"{name} is not in /metrics"
+        values.append(float(found.group(1)) if found else absent)
+    return values
 
 
 def wait_for_metric(server, name: str, value: float, timeout: float = 60) -> None:
@@ -93,3 +102,22 @@ def wait_for_metric(server, name: str, value: float, timeout: float = 60) -> Non
     while metric(server, name) != value:
         assert time.monotonic() < deadline, f"{name} never reached {value}"
         time.sleep(0.05)
+
+
+def wait_for_metrics(server, condition, *names: str, timeout: float = 60) -> list[float]:
+    """The named samples (of one scrape) once condition(*samples) holds; a labelled series not yet made is 0."""
+    deadline = time.monotonic() + timeout
+    while not condition(*(values := metrics(server, *names, absent=0))):
+        assert time.monotonic() < deadline, f"{names} never got there: {values}"
+        time.sleep(0.02)
+    return values
+
+
+def held_request(server, path: str, body: dict) -> socket.socket:
+    """A request sent on a socket of its own; its client leaves when the caller closes the socket."""
+    payload = json.dumps(body).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                 f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock

@@ -1,12 +1,12 @@
 """Embeddings: OpenAI's /openai/v1/embeddings (also under /v1) and llm-api's /embeddings.
 
 A text's embedding is the served model's last hidden state, mean-pooled over its tokens and L2-normalised,
-computed by the engine between batch steps.
+computed by the engine between batch steps. A request's inputs are one engine job: counted against max_queue
+together, and dropped (those not yet computed) when the client leaves.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 from typing import Literal
@@ -66,7 +66,7 @@ def embeddings_router(served: ServedModel) -> APIRouter:
         if body.dimensions is not None and body.dimensions != shape.hidden_size:
             raise InvalidRequest("dimensions", f"must be this model's hidden size ({shape.hidden_size}) or left out")
         inputs = await _token_lists(service, body.input, shape.vocab_size)
-        vectors = await _embed_all(service, inputs)
+        vectors = await _embed_all(service, inputs, "input")
         response = CreateEmbeddingResponse(
             object="list",
             model=served.name,
@@ -82,7 +82,7 @@ def embeddings_router(served: ServedModel) -> APIRouter:
     @router.post("/embeddings", response_model=list[float])
     async def text_embedding(body: TextEmbeddingRequest) -> list[float]:
         service = ready()
-        (vector,) = await _embed_all(service, [await _encode_text(service, body.text, "text")])
+        (vector,) = await _embed_all(service, [await _encode_text(service, body.text, "text")], "text")
         return vector
 
     return router
@@ -96,10 +96,11 @@ async def _token_lists(service: GenerationService, given, vocab_size: int) -> li
         raise InvalidRequest("input", "must not be empty")
     if len(given) > MAX_EMBEDDING_INPUTS:
         raise InvalidRequest("input", f"{len(given)} inputs exceed the limit of {MAX_EMBEDDING_INPUTS} per request")
-    if isinstance(given[0], str):
-        return [await _encode_text(service, text, f"input[{i}]") for i, text in enumerate(given)]
     if isinstance(given[0], int):
         given = [given]
+    service.engine.check_request_size(len(given), "input")  # before tokenizing any
+    if isinstance(given[0], str):
+        return [await _encode_text(service, text, f"input[{i}]") for i, text in enumerate(given)]
     for i, ids in enumerate(given):
         _check_token_ids(ids, vocab_size, f"input[{i}]", service.max_model_len)
     return given
@@ -128,8 +129,10 @@ def _check_length(ids: list[int], field: str, max_model_len: int) -> None:
         raise InvalidRequest(field, f"{len(ids)} tokens exceed max_model_len ({max_model_len})")
 
 
-async def _embed_all(service: GenerationService, inputs: list[list[int]]) -> list[list[float]]:
-    return list(await asyncio.gather(*(service.engine.embed(ids) for ids in inputs)))
+async def _embed_all(service: GenerationService, inputs: list[list[int]], field: str) -> list[list[float]]:
+    """One engine job for the request's inputs; the client leaving cancels the await, which drops the inputs
+    not yet computed."""
+    return await service.engine.embed(inputs, field)
 
 
 def _base64_floats(vector: list[float]) -> str:

@@ -3,7 +3,8 @@
 - GET / answers KServe's V1 liveness ({"status": "alive"}) and Kaito's "server is running" in one body.
 - GET /health (vLLM), GET /v1/models/{name} (KServe V1), GET /v2/models/{name}/ready and /v2/health/ready
   (KServe V2) are 200 only when the model is loaded and the engine runs, 503 otherwise, without a log line.
-- GET /healthz (Kaito) also runs a tiny operation on the device; GET /version names the versions.
+- GET /healthz (Kaito) also runs a tiny operation on the device, on a thread of its own: it never waits behind
+  tokenization or grammar compilation. GET /version names the versions.
 - POST /shutdown (Kaito; off unless --enable_shutdown) drains the engine, then stops every rank.
 - KServe's model repository (POST /v2/repository/models/{name}/load, /unload) would let anyone who reaches the
   port unload the model for good: it is 404 unless --enable_model_repository (and then behind --api_key).
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
 from fastapi import APIRouter
@@ -33,6 +35,7 @@ DEVICE_CHECK_TIMEOUT_S = 5.0
 def health_router(served: ServedModel, *, enable_shutdown: bool, enable_model_repository: bool) -> APIRouter:
     router = APIRouter(tags=["health"])
     shutdown = Shutdown()
+    device_probe = ThreadPoolExecutor(1, thread_name_prefix="device-probe")
 
     def problem() -> str | None:
         return readiness_problem(served, shutdown.started)
@@ -64,7 +67,7 @@ def health_router(served: ServedModel, *, enable_shutdown: bool, enable_model_re
 
     @router.get("/healthz", responses={503: {"description": "loading, engine failed, shutting down, bad device"}})
     async def healthz():
-        reason = problem() or await _device_problem(served)
+        reason = problem() or await _device_problem(served, device_probe)
         if reason:
             return JSONResponse({"status": "Unhealthy", "reason": reason}, status_code=503)
         return {"status": "Healthy"}
@@ -113,10 +116,11 @@ def _model_readiness(served: ServedModel, name: str, problem: str | None, path: 
     return JSONResponse({"name": name, "ready": True})
 
 
-async def _device_problem(served: ServedModel) -> str | None:
+async def _device_problem(served: ServedModel, thread: ThreadPoolExecutor) -> str | None:
     engine = served.ready().engine
     try:
-        await asyncio.wait_for(asyncio.to_thread(engine.check_device), DEVICE_CHECK_TIMEOUT_S)
+        probe = asyncio.get_running_loop().run_in_executor(thread, engine.check_device)
+        await asyncio.wait_for(probe, DEVICE_CHECK_TIMEOUT_S)
     except TimeoutError:
         return f"device did not answer within {DEVICE_CHECK_TIMEOUT_S:g}s"
     except Exception:  # noqa: BLE001 - any failure means the device is unusable

@@ -44,11 +44,12 @@ class KServeModel(kserve.Model):
                 raise InvalidRequest("body", f"not valid JSON: {err}") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
             raise InvalidRequest("instances", 'expected {"instances": [{"prompt": ...} | {"messages": [...]}, ...]}')
-        return {"predictions": await self._complete_all(payload["instances"])}
+        return {"predictions": await self._complete_all(payload["instances"], "instances")}
 
-    async def _complete_all(self, instances: list) -> list[dict]:
+    async def _complete_all(self, instances: list, field: str) -> list[dict]:
+        self.service.engine.check_request_size(len(instances), field)
         jobs = [await self._prepare(i, instance) for i, instance in enumerate(instances)]  # all checked first
-        return [_prediction(result) for result in await self.service.complete_all(jobs)]
+        return [_prediction(result) for result in await self.service.complete_all(jobs, field)]
 
     async def _prepare(self, index: int, instance) -> tuple[list[int], SamplingParams]:
         where = f"instances.{index}"
@@ -73,7 +74,8 @@ class KServeModel(kserve.Model):
         parameters = request.parameters or {}
         if not isinstance(parameters, dict):
             raise InvalidRequest("parameters", "must be an object")
-        results = await self._complete_all([{"prompt": p, "parameters": dict(parameters)} for p in prompts])
+        results = await self._complete_all([{"prompt": p, "parameters": dict(parameters)} for p in prompts],
+                                           "inputs.text_input")
         output = InferOutput(
             name="text_output", shape=[len(results)], datatype="BYTES", data=[r["generated_text"] for r in results]
         )

@@ -1,11 +1,12 @@
 """What every route needs between HTTP and the engine: the served model's name and readiness, prompt and chat
-encoding (off the event loop, bounded before tokenizing), the server's sampling defaults, and collecting
-generations."""
+encoding (off the event loop, bounded before tokenizing), structured-output grammars (compiled on threads of
+their own), the server's sampling defaults, and collecting generations."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -54,6 +55,9 @@ class ModelShape:
     vocab_size: int
 
 
+GRAMMAR_THREADS = 2
+
+
 class GenerationService:
     def __init__(self, engine: Engine, tokenizer, chat_template: str | None, defaults: dict, max_model_len: int,
                  shape: ModelShape | None = None):
@@ -63,6 +67,9 @@ class GenerationService:
         self.defaults = defaults
         self.max_model_len = max_model_len
         self.shape = shape
+        # Grammars compile here, not in the default executor that tokenization (and KServe) use: large schemas
+        # take seconds, and a burst of them must not hold the other requests' tokenization.
+        self._grammar_threads = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar")
 
     @cached_property
     def max_prompt_chars(self) -> int:
@@ -120,16 +127,26 @@ class GenerationService:
             raise InvalidRequest(first_field(err, field), err.errors()[0]["msg"]) from None
 
     async def prepare(self, params: SamplingParams, field: str) -> None:
-        """Compile params' structured-output grammar off the event loop (a large schema takes a while), so that
-        start() finds it compiled; a schema that cannot be used is a 400 naming field."""
+        """Compile params' structured-output grammar on the grammar threads (a large schema takes a while), so
+        that start() finds it compiled; a schema too large is refused at once, one that cannot be used after
+        compiling, each a 400 naming field."""
         if params.structured_output is not None:
-            await asyncio.to_thread(self.engine.grammar, params, field)
+            self.engine.check_grammar(params, field)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._grammar_threads, self.engine.grammar, params, field)
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         return self.engine.submit(prompt_ids, params)
 
+    def start_all(self, jobs: list[tuple[list[int], SamplingParams]], field: str) -> list[GenerationStream]:
+        """A request's generations queued together or not at all (see Engine.submit_all); field names what
+        holds them, for the 400 when they can never fit the queue."""
+        return self.engine.submit_all(jobs, field)
+
     async def complete(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
-        stream = self.start(prompt_ids, params)
+        return await self._collect(self.start(prompt_ids, params))
+
+    async def _collect(self, stream: GenerationStream) -> GenerationResult:
         pieces: list[str] = []
         try:
             async for event in stream:
@@ -144,9 +161,10 @@ class GenerationService:
             stream.cancel()
         raise GenerationFailed("generation ended without a final event")
 
-    async def complete_all(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[GenerationResult]:
-        """Every job at once; one failing (or the request being cancelled) cancels the rest, freeing their KV."""
-        tasks = [asyncio.ensure_future(self.complete(ids, params)) for ids, params in jobs]
+    async def complete_all(self, jobs: list[tuple[list[int], SamplingParams]], field: str) -> list[GenerationResult]:
+        """Every job at once, queued together or not at all; one failing (or the request being cancelled) cancels
+        the rest, freeing their KV."""
+        tasks = [asyncio.ensure_future(self._collect(stream)) for stream in self.start_all(jobs, field)]
         try:
             return list(await asyncio.gather(*tasks))
         finally:

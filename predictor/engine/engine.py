@@ -1,9 +1,12 @@
 """The engine's front: requests in from the event loop, the core's steps on a thread of their own, events back.
 
-submit() validates and queues a request and returns a GenerationStream. The engine thread drains the inbox
-(new requests, aborts, embedding jobs) between steps and hands each step's events to the event loop in one
-call. Any exception out of a step (the device or a tensor-parallel rank failed) ends every request and the
-engine; a failure that belongs to one request ends only that request.
+submit() validates and queues a request and returns a GenerationStream; submit_all() queues a request's
+several generations together or none; embed() queues a request's prompts as one embedding job. Every queued
+generation and embedding prompt counts against max_queue until it is admitted to the batch (or computed).
+The engine thread drains the inbox (new requests, aborts, embedding jobs) between steps, computes one bounded
+batch of embeddings between two steps (predictor/engine/embedding_queue.py), and hands each step's events to
+the event loop in one call. Any exception out of a step (the device or a tensor-parallel rank failed) ends
+every request and the engine; a failure that belongs to one request ends only that request.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from predictor.engine.core import EngineCore, SequenceOutput
+from predictor.engine.embedding_queue import EmbeddingJob, EmbeddingQueue
 from predictor.engine.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
 from predictor.engine.sampling_params import SamplingParams
 from predictor.engine.sequence import Sequence
@@ -41,6 +45,7 @@ class Engine:
         grammars: Grammars | None = None,
         on_fatal: Callable[[BaseException], None] = lambda err: None,
         on_finished: Callable[[GenerationStream, Finished], None] = lambda stream, event: None,
+        on_embeddings: Callable[[str, int], None] = lambda outcome, count: None,
     ):
         self.core = core
         self.runner = core.runner
@@ -51,11 +56,13 @@ class Engine:
         self.grammars = grammars  # None: structured output is refused
         self.on_fatal = on_fatal
         self.on_finished = on_finished
+        self.on_embeddings = on_embeddings  # (outcome "computed" or "cancelled", prompts), on the event loop
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending = 0  # submitted, not yet admitted to the batch (event-loop side)
+        self._pending = 0  # generations not yet admitted to the batch + embedding prompts not yet computed
         self._preempted = 0  # waiting again after a preemption (engine-thread side, read by stats)
-        self._embeds: set[asyncio.Future] = set()  # embedding jobs not yet answered (event-loop side)
+        self._embedding_jobs: set[EmbeddingJob] = set()  # not yet answered (event-loop side)
+        self._embeddings = EmbeddingQueue(core.scheduler.max_prefill_tokens)  # engine-thread side
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
@@ -93,8 +100,15 @@ class Engine:
         self._draining = True
 
     async def drained(self, poll_s: float = 0.05) -> None:
-        while self._pending or self.core.has_work or self._embeds:
+        while self._pending or self.core.has_work or self._embedding_jobs:
             await asyncio.sleep(poll_s)
+
+    def fail(self, err: BaseException) -> None:
+        """Something outside the engine thread found the engine unusable (a tensor-parallel rank stopped
+        answering while this thread may be waiting on it): readiness turns 503 and on_fatal runs."""
+        if self.error is None:
+            self.error = err
+            self.on_fatal(err)
 
     def check_device(self) -> None:
         """Raises if the model's device cannot run a tiny operation."""
@@ -107,7 +121,30 @@ class Engine:
             raise EngineUnavailable("server is shutting down")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+        return self.submit_all([(prompt_ids, params)], "prompt")[0]
+
+    def submit_all(self, requests: list[tuple[list[int], SamplingParams]], field: str) -> list[GenerationStream]:
+        """Queue one client request's generations (V1 instances, prompts, choices) all together, or none: the
+        queue must hold them all now (else EngineOverloaded, a 429), and more than max_queue never fit (an
+        InvalidRequest naming field). A big request thus never holds part of the queue while it waits for the
+        rest, and small requests keep getting in."""
         self._check_admitting()
+        for prompt_ids, params in requests:
+            self._check_generation(prompt_ids, params)
+        grammars = [self.grammar(params) for _, params in requests]
+        self._reserve(len(requests), field)
+        self._loop = self._loop or asyncio.get_running_loop()
+        streams = []
+        for (prompt_ids, params), grammar in zip(requests, grammars, strict=True):
+            stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+            request_id = next(self._ids)
+            stream = GenerationStream(request_id, params, self.tokenizer, prompt_ids, self.abort, self.on_finished)
+            seq = Sequence(request_id, list(prompt_ids), params, stop_ids, stream, grammar=grammar)
+            self._inbox.put(("add", seq))
+            streams.append(stream)
+        return streams
+
+    def _check_generation(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise InvalidRequest("prompt", "must not be empty")
         if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
@@ -116,39 +153,69 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                 f"must be <= max_model_len ({self.max_model_len})",
             )
-        if self._pending >= self.max_queue:
-            raise EngineOverloaded(f"queue is full: {self._pending} requests waiting (max_queue={self.max_queue})")
-        grammar = self.grammar(params)
-        self._loop = self._loop or asyncio.get_running_loop()
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        request_id = next(self._ids)
-        stream = GenerationStream(request_id, params, self.tokenizer, prompt_ids, self.abort, self.on_finished)
-        self._pending += 1
-        self._inbox.put(("add", Sequence(request_id, list(prompt_ids), params, stop_ids, stream, grammar=grammar)))
-        return stream
+
+    def check_request_size(self, count: int, field: str) -> None:
+        """A request of `count` generations or embedding inputs can ever be queued: call this before preparing
+        them, so that one that never can is refused before any work (an InvalidRequest naming field)."""
+        if count > self.max_queue:
+            raise InvalidRequest(field, f"{count} items exceed max_queue ({self.max_queue}), the most one request "
+                                        "can queue; split the request")
+
+    def _reserve(self, count: int, field: str) -> None:
+        """Count `count` items of one request against max_queue, all or none."""
+        self.check_request_size(count, field)
+        if self._pending + count > self.max_queue:
+            raise EngineOverloaded(f"queue is full: {self._pending} waiting, {count} more asked "
+                                   f"(max_queue={self.max_queue})")
+        self._pending += count
+
+    def check_grammar(self, params: SamplingParams, field: str = "structured_output") -> None:
+        """What can be said of params.structured_output without compiling it (quick): available, within bounds."""
+        if params.structured_output is None:
+            return
+        if self.grammars is None:
+            raise InvalidRequest(field, "structured output is not available for this model's tokenizer")
+        self.grammars.check_size(params.structured_output.json_schema, field)
 
     def grammar(self, params: SamplingParams, field: str = "structured_output") -> Grammar | None:
         """The compiled grammar params.structured_output asks for. Compiling a large schema takes a while: call
-        this off the event loop first (as asyncio.to_thread(engine.grammar, params, field)); submit() then finds
-        it in the compiler's cache."""
+        this on a thread of its own first (GenerationService.prepare does); submit() then finds it in the
+        compiler's cache."""
+        self.check_grammar(params, field)
         if params.structured_output is None:
             return None
-        if self.grammars is None:
-            raise InvalidRequest(field, "structured output is not available for this model's tokenizer")
         return self.grammars.compile(params.structured_output.json_schema, field)
 
-    def embed(self, prompt_ids: list[int]) -> asyncio.Future[list[float]]:
-        """The prompt's mean-pooled, L2-normalised last hidden state, computed between batch steps."""
+    def embed(self, prompts: list[list[int]], field: str = "input") -> asyncio.Future[list[list[float]]]:
+        """Each prompt's mean-pooled, L2-normalised last hidden state, computed between batch steps. The prompts
+        are one job, queued all or none as submit_all's are; cancelling the future (the client left) drops the
+        prompts not yet computed."""
         self._check_admitting()
-        if not prompt_ids:
-            raise InvalidRequest("input", "must not be empty")
-        if len(prompt_ids) > self.max_model_len:
-            raise InvalidRequest("input", f"{len(prompt_ids)} tokens exceed max_model_len ({self.max_model_len})")
+        for i, prompt_ids in enumerate(prompts):
+            where = f"{field}[{i}]" if len(prompts) > 1 else field
+            if not prompt_ids:
+                raise InvalidRequest(where, "must not be empty")
+            if len(prompt_ids) > self.max_model_len:
+                raise InvalidRequest(where, f"{len(prompt_ids)} tokens exceed max_model_len ({self.max_model_len})")
+        self._reserve(len(prompts), field)
         self._loop = self._loop or asyncio.get_running_loop()
-        future = self._loop.create_future()
-        self._embeds.add(future)
-        self._inbox.put(("embed", (list(prompt_ids), future)))
-        return future
+        job = EmbeddingJob([list(p) for p in prompts], self._loop.create_future())
+        job.future.add_done_callback(lambda future: self._embedding_done(job, future))
+        self._embedding_jobs.add(job)
+        self._inbox.put(("embed", job))
+        return job.future
+
+    def _embedding_done(self, job: EmbeddingJob, future: asyncio.Future) -> None:
+        self._embedding_jobs.discard(job)
+        if future.cancelled():
+            job.cancelled = True  # the engine drops its prompts not yet computed
+
+    def _embedded(self, outcome: str, count: int, done: list[EmbeddingJob]) -> None:
+        self._pending -= count
+        self.on_embeddings(outcome, count)
+        for job in done:
+            if not job.future.done():
+                job.future.set_result(job.vectors)
 
     def abort(self, request_id: int) -> None:
         self._inbox.put(("abort", request_id))
@@ -175,8 +242,12 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                if not self._drain_inbox(block=not self.core.has_work):
+                if not self._drain_inbox(block=not (self.core.has_work or self._embeddings)):
                     self.runner.heartbeat()
+                    continue
+                if self._embeddings:
+                    self._embed_batch()
+                if not self.core.has_work:
                     continue
                 outputs, started = self.core.step()
                 if started:  # before this step's events: a stream knows its cached tokens by its first token
@@ -184,6 +255,8 @@ class Engine:
                 self._preempted = self.core.num_preempted_waiting
                 self._emit([_event(o) for o in outputs])
         except BaseException as err:  # noqa: BLE001 - any failure ends every request and the engine
+            if self.error is not None:  # fail() came first; this is what it left the thread waiting on
+                return
             logger.exception("engine failed")
             self.error = err
             self._fail_all(err)
@@ -201,7 +274,7 @@ class Engine:
             if kind == "add":
                 self.core.add(payload)
             elif kind == "embed":
-                self._run_embedding(*payload)
+                self._embeddings.add(payload)
             else:
                 self._cancel(payload, events)
             try:
@@ -219,20 +292,21 @@ class Engine:
             self._call_loop(self._admitted, [(seq.stream, seq.num_cached_tokens)])
         events.append((seq.stream, [], seq.num_generated, "cancelled", None, None))
 
-    def _run_embedding(self, prompt_ids: list[int], future: asyncio.Future) -> None:
-        vector = self.runner.embed(prompt_ids)
-        self._call_loop(self._answer_embedding, future, vector.tolist())
-
-    def _answer_embedding(self, future: asyncio.Future, vector: list[float]) -> None:
-        self._embeds.discard(future)
-        if not future.done():
-            future.set_result(vector)
+    def _embed_batch(self) -> None:
+        """Drop the jobs whose clients left, then compute one bounded batch of the others' prompts."""
+        dropped = self._embeddings.drop_cancelled()
+        if dropped:
+            self._call_loop(self._embedded, "cancelled", dropped, [])
+        batch = self._embeddings.next_batch()
+        if batch:
+            vectors = self.runner.embed([prompt for _, prompt in batch]).tolist()
+            self._call_loop(self._embedded, "computed", len(batch), self._embeddings.finish(batch, vectors))
 
     def _fail_embeddings(self, message: str) -> None:
-        for future in self._embeds:
-            if not future.done():
-                future.set_exception(EngineUnavailable(f"engine failed: {message}"))
-        self._embeds.clear()
+        for job in self._embedding_jobs:
+            if not job.future.done():
+                job.future.set_exception(EngineUnavailable(f"engine failed: {message}"))
+        self._embedding_jobs.clear()
 
     def _emit(self, events: list) -> None:
         if events:

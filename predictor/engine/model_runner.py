@@ -182,11 +182,18 @@ class ModelRunner:
     # ---- other work -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def embed(self, token_ids: list[int]) -> torch.Tensor:
-        """Mean of the last hidden states over the prompt, L2-normalised: [H] on the CPU. Leaves the cache alone."""
-        ids = torch.tensor([token_ids], device=self.device)
-        hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
-        return torch.nn.functional.normalize(hidden.float().mean(dim=0), dim=0).cpu()
+    def embed(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Each prompt's last hidden states averaged over its tokens, L2-normalised: [N, H] on the CPU, in one
+        forward that leaves the KV cache alone. The prompts are padded on the right, which needs no attention
+        mask: a causal model's token never attends to the positions after it."""
+        lengths = torch.tensor([len(p) for p in prompts])
+        ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt)
+        hidden = self.model.base_model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state.float()
+        real = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).to(self.device)
+        mean = (hidden * real[..., None]).sum(dim=1) / lengths.to(self.device)[:, None]
+        return torch.nn.functional.normalize(mean, dim=1).cpu()
 
     @torch.inference_mode()
     def check_device(self) -> None:

@@ -9,6 +9,9 @@ applies it to the logits in one call, so constrained and free sequences share ev
 JSON is written compactly (", " and ": " between items, no other whitespace): a model cannot wander into
 endless whitespace, and the output is one line. Properties the schema does not name are not generated.
 Once the JSON is complete only a stop token is allowed; accepting it ends the matcher.
+
+Compiling costs grow faster than the schema (1,000 optional properties: ~5 s on a CPU core; 30,000 enum values:
+~40 s) and xgrammar has no deadline, so the schema's serialized size is bounded (max_schema_bytes).
 """
 
 from __future__ import annotations
@@ -24,27 +27,42 @@ from predictor.engine.errors import InvalidRequest
 
 ANY_JSON_OBJECT = {"type": "object"}
 CACHE_BYTES = 64 << 20  # compiled grammars kept for reuse; distinct schemas beyond this evict the oldest
+MAX_SCHEMA_BYTES = 32 << 10
 _CPP_LOCATION = re.compile(r"^\[[^\]]*\] \S+:\d+: ")  # "[22:33:58] /project/cpp/x.cc:4944: " before a message
 
 
 class Grammars:
     """Compiles JSON schemas against one tokenizer's vocabulary (thread-safe; compiled grammars are cached)."""
 
-    def __init__(self, tokenizer_info: xgr.TokenizerInfo, stop_token_ids: list[int], max_threads: int = 2):
+    def __init__(self, tokenizer_info: xgr.TokenizerInfo, stop_token_ids: list[int], max_threads: int = 2,
+                 max_schema_bytes: int = MAX_SCHEMA_BYTES):
         self.stop_token_ids = sorted(stop_token_ids)
+        self.max_schema_bytes = max_schema_bytes
         self._compiler = xgr.GrammarCompiler(tokenizer_info, max_threads=max_threads, cache_limit_bytes=CACHE_BYTES)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, vocab_size: int, stop_token_ids: set[int]) -> Grammars:
+    def for_tokenizer(cls, tokenizer, vocab_size: int, stop_token_ids: set[int],
+                      max_schema_bytes: int = MAX_SCHEMA_BYTES) -> Grammars:
         """From a Hugging Face tokenizer; vocab_size is the model's (its logits may be wider than the vocab)."""
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(stop_token_ids))
-        return cls(info, sorted(stop_token_ids))
+        return cls(info, sorted(stop_token_ids), max_schema_bytes=max_schema_bytes)
+
+    def check_size(self, json_schema: dict, field: str) -> str:
+        """The schema serialized, if it is within max_schema_bytes; else an InvalidRequest naming field."""
+        text = json.dumps(json_schema)
+        size = len(text.encode())
+        if size > self.max_schema_bytes:
+            raise InvalidRequest(field, f"the JSON schema is {size} bytes, more than max_schema_bytes "
+                                        f"({self.max_schema_bytes})")
+        return text
 
     def compile(self, json_schema: dict, field: str) -> Grammar:
-        """The schema's grammar; a schema xgrammar cannot use is an InvalidRequest naming field."""
+        """The schema's grammar; a schema too large or that xgrammar cannot use is an InvalidRequest naming
+        field."""
+        text = self.check_size(json_schema, field)
         try:
-            compiled = self._compiler.compile_json_schema(json.dumps(json_schema), any_whitespace=False)
+            compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
         except (RuntimeError, ValueError, TypeError) as err:  # xgrammar's refusals of a schema it cannot use
             raise InvalidRequest(field, f"unusable JSON schema: {_CPP_LOCATION.sub('', str(err)).strip()}") from None
         return Grammar(compiled, self.stop_token_ids)

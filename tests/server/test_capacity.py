@@ -6,7 +6,7 @@ import threading
 import time
 
 import httpx
-from servers import launch, metric, start, wait_for_metric, wait_ready
+from servers import held_request, launch, metric, start, wait_for_metric, wait_for_metrics, wait_ready
 
 
 def predict(server, parameters: dict, timeout: float = 120) -> httpx.Response:
@@ -70,25 +70,58 @@ def held_stream(server, release: threading.Event) -> threading.Thread:
     return thread
 
 
+def embed(server, inputs: int) -> httpx.Response:
+    body = {"model": server.model_name, "input": ["Once upon a time"] * inputs}
+    return httpx.post(f"{server.url}/openai/v1/embeddings", json=body, timeout=60)
+
+
+def predict_instances(server, count: int) -> httpx.Response:
+    body = {"instances": [{"prompt": "Once upon a time", "parameters": {"max_new_tokens": 4}}] * count}
+    return httpx.post(f"{server.url}/v1/models/{server.model_name}:predict", json=body, timeout=120)
+
+
 def test_full_queue_answers_429_and_server_stays_up(tiny_llama, tmp_path):
-    server = start(tiny_llama, tmp_path / "server.log", "--max_num_seqs=1", "--max_queue=1",
+    """One max_queue for generations and embedding inputs; a request's instances or inputs are queued all
+    together or not at all, and more than max_queue of them is a 400 (a 429 could never succeed)."""
+    server = start(tiny_llama, tmp_path / "server.log", "--max_num_seqs=1", "--max_queue=2",
                    "--max_model_len=32768")
     release = threading.Event()
+    last = None
     try:
         clients = [held_stream(server, release)]
-        wait_for_metric(server, "predictor_num_requests_running", 1)
+        # Admitted, and its first step done: until then it still counts as waiting.
+        wait_for_metrics(server, lambda running, waiting: (running, waiting) == (1, 0),
+                         "predictor_num_requests_running", "predictor_num_requests_waiting")
         clients.append(held_stream(server, release))
+        last = held_request(server, "/openai/v1/completions", {"model": server.model_name, "prompt": "Once",
+                                                               "max_tokens": 30000, "ignore_eos": True})
+        wait_for_metric(server, "predictor_num_requests_waiting", 2)
+        for refused in (predict(server, {"max_new_tokens": 4}), embed(server, 1)):
+            assert refused.status_code == 429, refused.text
+            assert "max_queue" in refused.text and refused.headers["retry-after"]
+        too_many = predict_instances(server, 3)
+        assert too_many.status_code == 400 and "instances: 3 items exceed max_queue (2)" in too_many.text
+        too_many = embed(server, 3)
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "input"
+        assert "exceed max_queue (2)" in too_many.text
+
+        last.close()  # one place free: two instances or inputs still do not fit, and take nothing
         wait_for_metric(server, "predictor_num_requests_waiting", 1)
-        refused = predict(server, {"max_new_tokens": 4})
-        assert refused.status_code == 429, refused.text
-        assert "max_queue" in refused.text and refused.headers["retry-after"]
+        for refused in (predict_instances(server, 2), embed(server, 2)):
+            assert refused.status_code == 429, refused.text
+        assert metric(server, "predictor_num_requests_waiting") == 1
+        assert embed(server, 1).status_code == 200  # a small request gets the free place
+
         release.set()
         for client in clients:
             client.join()
         wait_for_metric(server, "predictor_num_requests_running", 0)
-        assert predict(server, {"max_new_tokens": 4}).status_code == 200
+        accepted = predict_instances(server, 2)
+        assert accepted.status_code == 200 and len(accepted.json()["predictions"]) == 2
     finally:
         release.set()
+        if last is not None:
+            last.close()
         server.stop()
 
 

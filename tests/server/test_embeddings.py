@@ -1,4 +1,5 @@
-"""Embeddings over HTTP: parity with the model's own mean-pooled hidden states, the openai client, bad inputs."""
+"""Embeddings over HTTP: parity with the model's own mean-pooled hidden states, the openai client, bad inputs, and
+a burst of embeddings whose clients left: dropped, and never in a completion's way."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import jsonschema_rs
 import openai
 import pytest
 import torch
+from models import make_llama
+from servers import held_request, metrics, start, wait_for_metrics
 
 TEXTS = ["What is the capital of France?", "Once upon a time", "a"]
 
@@ -137,3 +140,40 @@ def test_bad_llm_api_inputs_and_the_server_still_answers(server):
         assert 400 <= response.status_code < 500, (body, response.text)
         assert "text" in response.text or "params" in response.text
     assert embed(server, {"input": "still here", "dimensions": HIDDEN_SIZE}).status_code == 200
+
+
+COMPUTED = 'predictor_embedding_prompts_total{outcome="computed"}'
+CANCELLED = 'predictor_embedding_prompts_total{outcome="cancelled"}'
+WAITING = "predictor_num_requests_waiting"
+
+
+def test_left_embeddings_are_dropped_and_a_completion_overtakes_them(tokenizer_dir, tmp_path):
+    """The issue's burst: 10 requests of 16 x 500 tokens, on a model deeper and wider than the tiny one so that
+    the burst is many times the work of getting the completion in; one prompt per embedding forward."""
+    model_dir = make_llama(tmp_path / "wider", tokenizer_dir, hidden_size=128, intermediate_size=256,
+                           num_hidden_layers=4)
+    server = start(model_dir, tmp_path / "server.log", "--max_model_len=512", "--max_prefill_tokens=512")
+    clients = []
+    try:
+        body = {"model": server.model_name, "input": [[100 + i] * 500 for i in range(16)]}
+        clients = [held_request(server, "/openai/v1/embeddings", body) for _ in range(10)]
+        wait_for_metrics(server, lambda waiting, computed: waiting + computed == 160, WAITING, COMPUTED)  # all queued
+        completion = httpx.post(f"{server.url}/openai/v1/completions", timeout=60, json={
+            "model": server.model_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
+        assert completion.status_code == 200, completion.text
+        (computed,) = metrics(server, COMPUTED, absent=0)
+        assert computed < 160, "the completion waited for every embedding"
+        for sock in clients:
+            sock.close()
+        computed, cancelled = wait_for_metrics(server, lambda computed, cancelled: computed + cancelled == 160,
+                                         COMPUTED, CANCELLED)
+        assert cancelled > 0 and computed < 160
+        wait_for_metrics(server, lambda left: left == 10,
+                             'predictor_http_requests_total{method="POST",route="/openai/v1/embeddings",status="499"}')
+        assert metrics(server, WAITING) == [0]
+        assert httpx.post(f"{server.url}/openai/v1/embeddings", timeout=60, json={
+            "model": server.model_name, "input": "still served"}).status_code == 200
+    finally:
+        for sock in clients:
+            sock.close()
+        server.stop()

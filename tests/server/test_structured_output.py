@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import threading
+import time
 
 import httpx
 import jsonschema
@@ -165,3 +168,53 @@ def test_tool_calling_is_refused_with_a_clear_400(server, field, value):
 def test_tool_choice_none_and_parallel_tool_calls_are_accepted(server, client):
     response = chat(client, server, max_tokens=2, tool_choice="none", parallel_tool_calls=False)
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def slow_schema(seed: int, properties: int = 400) -> dict:
+    """Optional properties: xgrammar's compile time grows with the square of their number (about a second here),
+    while the schema stays well within max_schema_bytes."""
+    rng = random.Random(seed)
+    return {"type": "object", "properties": {f"{rng.getrandbits(32):08x}_{i}": {"type": "integer"}
+                                             for i in range(properties)}}
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+
+
+def test_probes_and_other_requests_do_not_wait_behind_grammar_compiles(server):
+    """The issue: 8 large schemas compiling filled the shared worker threads, /healthz answered 503 and a
+    completion took 48 s. Grammars compile on threads of their own now: while they do, probes answer, a
+    completion is tokenized and served, and a schema past max_schema_bytes is refused at once."""
+    answered = []  # (what, status), in the order the answers came
+
+    def post(what: str, path: str, body: dict) -> None:
+        response = httpx.post(server.url + path, json={"model": server.model_name, **body}, timeout=120)
+        answered.append((what, response.status_code, response.text))
+
+    schemas = [threading.Thread(target=post, args=("schema", "/openai/v1/chat/completions", {
+        "messages": MESSAGES, "max_tokens": 1, "response_format": schema_format(slow_schema(seed))}))
+        for seed in range(8)]
+    for thread in schemas:
+        thread.start()
+    time.sleep(0.5)  # let them reach the server first: the requests below must come after them
+    post("completion", "/openai/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
+    too_big = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2000)}}
+    post("too big", "/openai/v1/chat/completions", {"messages": MESSAGES, "response_format": schema_format(too_big)})
+    probe = httpx.get(f"{server.url}/healthz", timeout=30)
+    answered.append(("healthz", probe.status_code, probe.text))
+    for thread in schemas:
+        thread.join()
+
+    whats = [what for what, _, _ in answered]
+    assert whats[:3] == ["completion", "too big", "healthz"], whats  # before any schema had compiled
+    statuses = {what: (status, text) for what, status, text in answered}
+    assert statuses["completion"][0] == 200 and statuses["healthz"] == (200, '{"status":"Healthy"}')
+    status, text = statuses["too big"]
+    assert status == 400 and json.loads(text)["error"]["param"] == "response_format"
+    assert "more than max_schema_bytes (32768)" in text
+    assert [status for what, status, _ in answered if what == "schema"] == [200] * 8
+    v1 = httpx.post(f"{server.url}/v1/models/{server.model_name}:predict", timeout=30, json={"instances": [
+        {"prompt": PROMPT, "parameters": {"structured_output": {"json_schema": too_big}}}]})
+    assert v1.status_code == 400, v1.text
+    assert v1.json()["error"].startswith("instances.0.parameters.structured_output: the JSON schema is ")

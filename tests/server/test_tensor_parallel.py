@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,15 +82,49 @@ def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_p
         assert_tp_streams_n_choices_with_logprobs(server, reference)
         assert_tp_structured_output_validates(server)
         assert_tp_prefix_cache_hit_keeps_greedy_text(server, reference)
-        ranks = ranks_of(server.process.pid)
-        assert sorted(ranks) == [0, 1]
-
-        os.kill(ranks[1], signal.SIGKILL)
-        assert server.process.wait(timeout=90) != 0
-        time.sleep(1)
-        assert not Path(f"/proc/{ranks[0]}").exists() or _is_zombie(ranks[0]), "rank 0 outlived its follower"
+        assert_a_hung_follower_turns_readiness_503_and_ends_every_rank(server)
     finally:
         server.stop()
+
+
+READINESS = ["/v1/models/tiny", "/v2/health/ready", "/health", "/healthz"]
+
+
+def assert_a_hung_follower_turns_readiness_503_and_ends_every_rank(server) -> None:
+    """The issue: with the follower SIGSTOPped, readiness said 200 for 60 s while requests hung. The heartbeat
+    misses it within seconds: readiness 503, then rank 0 exits and takes the launcher with it. Polled from one
+    thread per route: the 503 shows between the miss and the exit, and a refused connection after it."""
+    ranks = ranks_of(server.process.pid)
+    assert sorted(ranks) == [0, 1]
+    answers: dict[str, list] = {path: [] for path in READINESS}
+
+    def poll(path: str) -> None:
+        deadline = time.monotonic() + 30  # generous: the heartbeat's timeout is 5 s; this is no speed test
+        while time.monotonic() < deadline:
+            try:
+                answers[path].append(httpx.get(server.url + path, timeout=10).status_code)
+            except httpx.TransportError:
+                answers[path].append("gone")
+                return
+            time.sleep(0.01)
+
+    os.kill(ranks[1], signal.SIGSTOP)
+    try:
+        pollers = [threading.Thread(target=poll, args=(path,)) for path in READINESS]
+        for poller in pollers:
+            poller.start()
+        for poller in pollers:
+            poller.join()
+    finally:
+        os.kill(ranks[1], signal.SIGCONT)  # so that the launcher's SIGTERM can end it
+    assert all(seen[-1] == "gone" for seen in answers.values()), answers
+    assert all(set(seen) <= {200, 503, "gone"} for seen in answers.values()), answers
+    assert any(503 in seen for seen in answers.values()), answers
+    assert server.process.wait(timeout=90) != 0
+    assert "a tensor-parallel rank did not answer the heartbeat within 5s" in server.output()
+    time.sleep(1)
+    for pid in ranks.values():
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"rank pid {pid} outlived the launcher"
 
 
 def assert_tp_embeddings_match_one_process(server, reference) -> None:

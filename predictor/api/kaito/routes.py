@@ -42,7 +42,7 @@ def kaito_router(served: ServedModel) -> APIRouter:
         for index, prompt in enumerate(body.prompts):
             prompt_ids = await service.encode_prompt(prompt, f"prompts.{index}")
             jobs.append((prompt_ids, budget.sampling(service, prompt_ids, f"prompts.{index}")))
-        results = await service.complete_all(jobs)
+        results = await service.complete_all(jobs, "prompts")
         return GenerateResponse(results=[GenerateResult(prompt=p, response=r.text)
                                          for p, r in zip(body.prompts, results)])
 
@@ -71,7 +71,7 @@ async def _llama_chat(service: GenerationService, body: LlamaChatRequest) -> Lla
         except InvalidRequest as err:
             raise _renamed(err, field) from None
         jobs.append((prompt_ids, budget.sampling(service, prompt_ids, field)))
-    completions = iter(await service.complete_all([job for job in jobs if job is not None]))
+    completions = iter(await service.complete_all([job for job in jobs if job is not None], "input_data.input_string"))
     results = []
     for dialog, job in zip(dialogs, jobs):
         reply = SPECIAL_TAGS_ERROR if job is None else next(completions).text

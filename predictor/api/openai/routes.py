@@ -77,26 +77,13 @@ async def _prompt_ids(service: GenerationService, prompt: str | list[int], field
 
 async def _respond(body: SamplingFields, service: GenerationService,
                    prompt_ids: list[list[int]], responses: ResponseBuilder):
-    params = [service.sampling_params(body.sampling(j), len(ids)) for ids in prompt_ids for j in range(body.n)]
-    await service.prepare(params[0], "response_format")  # every choice has the same response_format
-    streams = _start_all(service, [ids for ids in prompt_ids for _ in range(body.n)], params)
+    jobs = [(ids, service.sampling_params(body.sampling(j), len(ids))) for ids in prompt_ids for j in range(body.n)]
+    await service.prepare(jobs[0][1], "response_format")  # every choice has the same response_format
+    streams = service.start_all(jobs, "n" if body.n > 1 else "prompt")  # every choice queued, or none
     events = _merged(streams)
     if body.stream:
         return StreamingResponse(_sse(responses.chunks(events)), media_type="text/event-stream", headers=STREAM_HEADERS)
     return await responses.collect(events)
-
-
-def _start_all(service: GenerationService, prompt_ids: list[list[int]], params) -> list[GenerationStream]:
-    """Submit every choice, or none: if one is refused (queue full), the ones already queued are cancelled."""
-    streams: list[GenerationStream] = []
-    try:
-        for ids, choice_params in zip(prompt_ids, params, strict=True):
-            streams.append(service.start(ids, choice_params))
-    except BaseException:
-        for stream in streams:
-            stream.cancel()
-        raise
-    return streams
 
 
 async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Delta | Finished]]:
