@@ -18,6 +18,7 @@ from predictor.engine import InvalidRequest, SamplingParams
 logger = logging.getLogger(__name__)
 
 INSTANCE_FIELDS = {"prompt", "messages", "parameters"}
+Job = tuple[list[int], SamplingParams]
 
 
 class KServeModel(kserve.Model):
@@ -44,14 +45,12 @@ class KServeModel(kserve.Model):
                 raise InvalidRequest("body", f"not valid JSON: {err}") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
             raise InvalidRequest("instances", 'expected {"instances": [{"prompt": ...} | {"messages": [...]}, ...]}')
-        return {"predictions": await self._complete_all(payload["instances"])}
+        if not payload["instances"]:
+            raise InvalidRequest("instances", "must hold at least one instance")
+        jobs = [await self._prepare(f"instances.{i}", instance) for i, instance in enumerate(payload["instances"])]
+        return {"predictions": await self._complete_all(jobs)}
 
-    async def _complete_all(self, instances: list) -> list[dict]:
-        jobs = [await self._prepare(i, instance) for i, instance in enumerate(instances)]  # all checked first
-        return [_prediction(result) for result in await self.service.complete_all(jobs)]
-
-    async def _prepare(self, index: int, instance) -> tuple[list[int], SamplingParams]:
-        where = f"instances.{index}"
+    async def _prepare(self, where: str, instance) -> Job:
         if not isinstance(instance, dict) or ("prompt" in instance) == ("messages" in instance):
             raise InvalidRequest(where, "each instance needs exactly one of 'prompt' or 'messages'")
         unknown = set(instance) - INSTANCE_FIELDS
@@ -61,19 +60,33 @@ class KServeModel(kserve.Model):
             prompt_ids = await self.service.encode_prompt(instance["prompt"], f"{where}.prompt")
         else:
             prompt_ids = await self.service.encode_chat(instance["messages"], f"{where}.messages")
-        params = self.service.sampling_params(instance.get("parameters"), len(prompt_ids))
-        await self.service.prepare(params, f"{where}.parameters.structured_output")
+        return await self._job(prompt_ids, instance.get("parameters"), f"{where}.parameters")
+
+    async def _job(self, prompt_ids: list[int], parameters, where: str) -> Job:
+        params = self.service.sampling_params(parameters, len(prompt_ids))
+        await self.service.prepare(params, f"{where}.structured_output")
         return prompt_ids, params
 
+    async def _complete_all(self, jobs: list[Job]) -> list[dict]:
+        """Every job is checked (by _prepare or _job) before any starts."""
+        return [_prediction(result) for result in await self.service.complete_all(jobs)]
+
     async def _predict_v2(self, request: InferRequest) -> InferResponse:
-        texts_input = next((i for i in request.inputs if i.name == "text_input"), None)
+        index, texts_input = next(((n, i) for n, i in enumerate(request.inputs) if i.name == "text_input"),
+                                  (None, None))
         if texts_input is None or texts_input.datatype != "BYTES":
             raise InvalidRequest("inputs", "expected a BYTES input named 'text_input'")
-        prompts = [_text(t) for t in texts_input.data]
+        where = f"inputs.{index}.data"
+        if not isinstance(texts_input.data, list) or not texts_input.data:
+            raise InvalidRequest(where, "must be a non-empty list of strings, one prompt each")
         parameters = request.parameters or {}
         if not isinstance(parameters, dict):
             raise InvalidRequest("parameters", "must be an object")
-        results = await self._complete_all([{"prompt": p, "parameters": dict(parameters)} for p in prompts])
+        jobs = []
+        for i, value in enumerate(texts_input.data):
+            prompt_ids = await self.service.encode_prompt(_text(value, f"{where}.{i}"), f"{where}.{i}")
+            jobs.append(await self._job(prompt_ids, dict(parameters), "parameters"))
+        results = await self._complete_all(jobs)
         output = InferOutput(
             name="text_output", shape=[len(results)], datatype="BYTES", data=[r["generated_text"] for r in results]
         )
@@ -82,13 +95,15 @@ class KServeModel(kserve.Model):
         )
 
 
-def _text(value) -> str:
+def _text(value, field: str) -> str:
     if isinstance(value, bytes):
         try:
             return value.decode()
         except UnicodeDecodeError:
-            raise InvalidRequest("inputs.text_input", "not valid UTF-8") from None
-    return str(value)
+            raise InvalidRequest(field, "not valid UTF-8") from None
+    if not isinstance(value, str):
+        raise InvalidRequest(field, f"must be a string (a BYTES element), not {type(value).__name__}")
+    return value
 
 
 def _prediction(result: GenerationResult) -> dict:

@@ -73,6 +73,8 @@ class GenerationService:
     async def encode_prompt(self, prompt, field: str = "prompt") -> list[int]:
         if not isinstance(prompt, str):
             raise InvalidRequest(field, "must be a string")
+        if not prompt:  # it would still tokenize, to a lone BOS token
+            raise InvalidRequest(field, "must not be empty")
         self._check_length(prompt, field)
         return await asyncio.to_thread(lambda: self.tokenizer(prompt).input_ids)
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.background import BackgroundTask
 
 from predictor.api.service import GenerationService, ServedModel, usage
@@ -58,7 +58,7 @@ class WorkerGenerateRequest(BaseModel):
     top_k: int | None = Field(None, description="-1 or 0 disables")
     max_new_tokens: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     echo: bool = Field(True, description="Prefix the text with the prompt (FastChat's default)")
     repetition_penalty: float | None = None
     presence_penalty: float | None = None

@@ -116,6 +116,11 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                 f"must be <= max_model_len ({self.max_model_len})",
             )
+        vocab_size = self.runner.vocab_size
+        beyond = next((i for i, t in enumerate(params.stop_token_ids) if t >= vocab_size), None)
+        if beyond is not None:
+            raise InvalidRequest(f"stop_token_ids.{beyond}", f"{params.stop_token_ids[beyond]} is not a token id of "
+                                 f"this model: must be < {vocab_size}, the vocabulary size")
         if self._pending >= self.max_queue:
             raise EngineOverloaded(f"queue is full: {self._pending} requests waiting (max_queue={self.max_queue})")
         grammar = self.grammar(params)

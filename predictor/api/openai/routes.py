@@ -77,9 +77,12 @@ async def _prompt_ids(service: GenerationService, prompt: str | list[int], field
 
 async def _respond(body: SamplingFields, service: GenerationService,
                    prompt_ids: list[list[int]], responses: ResponseBuilder):
-    params = [service.sampling_params(body.sampling(j), len(ids)) for ids in prompt_ids for j in range(body.n)]
-    await service.prepare(params[0], "response_format")  # every choice has the same response_format
-    streams = _start_all(service, [ids for ids in prompt_ids for _ in range(body.n)], params)
+    try:
+        params = [service.sampling_params(body.sampling(j), len(ids)) for ids in prompt_ids for j in range(body.n)]
+        await service.prepare(params[0], "response_format")  # every choice has the same response_format
+        streams = _start_all(service, [ids for ids in prompt_ids for _ in range(body.n)], params)
+    except InvalidRequest as err:  # in OpenAI's words: max_tokens, not the engine's max_new_tokens
+        raise err.renamed(body.engine_names()) from None
     events = _merged(streams)
     if body.stream:
         return StreamingResponse(_sse(responses.chunks(events)), media_type="text/event-stream", headers=STREAM_HEADERS)
