@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ByteSize, Field, SecretStr, ValidationError, field_validator
+from pydantic import ByteSize, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -21,6 +21,8 @@ from predictor.engine.sampling_params import RepetitionPenalty, Temperature, Top
 DEFAULT_MODEL_DIR = Path("/mnt/models")
 GENERATION_DEFAULTS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 CPU_KV_CACHE_BYTES = 2 * 2**30
+DEFAULT_SHUTDOWN_TIMEOUT_S = 50.0  # the chart's terminationGracePeriodSeconds (60) less its margin (10)
+ALL_INTERFACES = "0.0.0.0"
 BUILTIN_CHAT_TEMPLATES = ("llama-2", "mistral", "falcon", "vicuna", "dolly", "chatml")
 
 
@@ -34,6 +36,10 @@ class Settings(BaseSettings):
     # KServe's own flags, same names and defaults.
     model_name: str | None = Field(None, description="Name the model is served under (default: 'model', or 'demo').")
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Hugging Face model directory.")
+    host: str = Field(
+        ALL_INTERFACES, min_length=1, description="Address the HTTP server listens on: 0.0.0.0 (every interface, as "
+        "KServe listens in a pod) or 127.0.0.1 to serve this machine only."
+    )
     http_port: int = Field(8080, ge=1, le=65535)
     grpc_port: int = Field(8081, ge=1, le=65535)
     enable_grpc: bool = False
@@ -70,6 +76,11 @@ class Settings(BaseSettings):
         False, description="Serve KServe's POST /v2/repository/models/{name}/load and /unload (behind api_key); "
         "off since unloading takes the model away until a restart."
     )
+    shutdown_timeout: float = Field(
+        DEFAULT_SHUTDOWN_TIMEOUT_S, ge=0, description="On SIGTERM, SIGINT or POST /shutdown: seconds running "
+        "requests get to finish (new ones get 503) before each is ended with an error; keep it below the pod's "
+        "terminationGracePeriodSeconds (the chart passes that minus 10)."
+    )
     log_requests: bool = Field(False, description="Log probes and /metrics too (other requests: one line each).")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
     verify_weights: Literal["off", "size", "full"] = "size"
@@ -88,6 +99,14 @@ class Settings(BaseSettings):
         if template and template not in BUILTIN_CHAT_TEMPLATES and not Path(template).is_file():
             raise ValueError(f"neither a built-in ({', '.join(BUILTIN_CHAT_TEMPLATES)}) nor a readable Jinja file")
         return template
+
+    @field_validator("enable_grpc")
+    @classmethod
+    def _grpc_on_every_interface(cls, enabled: bool, info: ValidationInfo) -> bool:
+        host = info.data.get("host", ALL_INTERFACES)
+        if enabled and host != ALL_INTERFACES:
+            raise ValueError(f"KServe's gRPC server listens on every interface, which --host {host} rules out")
+        return enabled
 
     @field_validator("api_key_file")
     @classmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 120
@@ -93,3 +94,20 @@ def wait_for_metric(server, name: str, value: float, timeout: float = 60) -> Non
     while metric(server, name) != value:
         assert time.monotonic() < deadline, f"{name} never reached {value}"
         time.sleep(0.05)
+
+
+def listening_addresses(pids) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the processes listen on."""
+    return {(c.laddr.ip, c.laddr.port) for pid in pids for c in psutil.Process(pid).connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def outside_address() -> str | None:
+    """An address of this machine's other than loopback, or None if it has none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # a documentation address: picks the outgoing interface, sends nothing
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address

@@ -16,14 +16,18 @@ from predictor.api.kserve_model import KServeModel
 from predictor.api.middleware import AccessLog, BufferedBody, InternalErrors, RequireKey
 from predictor.api.openai.routes import completions_router
 from predictor.api.service import ServedModel
+from predictor.api.shutdown import Shutdown, take_signals_on_startup
 from predictor.api.worker import worker_router
 from predictor.engine import EngineError
 
 
 def install(app: FastAPI, model: KServeModel, *, api_key: str | None, max_request_bytes: int,
-            enable_shutdown: bool = False, enable_model_repository: bool = False, log_requests: bool = False) -> None:
-    served = ServedModel(model.name, lambda: model.service if model.ready else None)
-    app.include_router(health_router(served, enable_shutdown=enable_shutdown,
+            enable_shutdown: bool = False, enable_model_repository: bool = False, log_requests: bool = False,
+            shutdown_timeout: float = 0.0) -> None:
+    served = ServedModel(model.name, lambda: model.service, lambda: model.unloaded)
+    shutdown = Shutdown(served, shutdown_timeout)
+    take_signals_on_startup(app, shutdown)
+    app.include_router(health_router(served, shutdown, enable_shutdown=enable_shutdown,
                                      enable_model_repository=enable_model_repository))
     for router in (kaito_router, completions_router, embeddings_router, worker_router):
         app.include_router(router(served))

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 
 import kserve
+from kserve.model_repository import ModelRepository
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from predictor.api.service import GenerationResult, GenerationService, usage
@@ -22,15 +24,33 @@ Job = tuple[list[int], SamplingParams]
 
 
 class KServeModel(kserve.Model):
+    """Loading (service None), then ready; KServe's model repository may unload it (it stops taking requests,
+    the weights stay loaded) and load it again (it serves again at once)."""
+
     def __init__(self, name: str, build: Callable[[], GenerationService]):
         super().__init__(name)
         self._build = build
+        self._building = threading.Lock()  # held for good by the one call that builds
         self.service: GenerationService | None = None
+        self.unloaded = False
 
     def load(self) -> bool:
-        self.service = self._build()
-        self.ready = True
+        """Build the service (the load thread, once). KServe's data plane also calls load() on a model that is not
+        ready: that call must neither build a second copy nor block the event loop, so it only says if ready."""
+        if self._building.acquire(blocking=False):
+            self.service = self._build()
+        self.ready = self.service is not None and not self.unloaded
         return self.ready
+
+    def stop(self) -> None:
+        """KServe's unload: requests in flight finish, new ones get 503, readiness is 503 'model is unloaded'."""
+        self.unloaded = True
+        self.ready = False
+
+    def serve_again(self) -> None:
+        """KServe's load after an unload."""
+        self.unloaded = False
+        self.ready = self.service is not None
 
     async def healthy(self) -> bool:
         return self.ready and self.service is not None and self.service.engine.alive
@@ -93,6 +113,32 @@ class KServeModel(kserve.Model):
         return InferResponse(
             model_name=self.name, infer_outputs=[output], response_id=request.id or str(uuid.uuid4())
         )
+
+
+class OneModelRepository(ModelRepository):
+    """KServe's model repository (POST /v2/repository/models/{name}/load, /unload) over the one model served.
+
+    KServe's own would forget an unloaded model, and its load() does nothing: once unloaded, a model could never
+    be loaded again. Here unload stops serving the model and load serves it again, the weights having stayed
+    loaded (so unloading frees no memory: it takes the model out of service).
+    """
+
+    def __init__(self, model: KServeModel):
+        super().__init__()
+        self.model = model
+        self.update(model)
+
+    def load(self, name: str) -> bool:
+        self._named(name).serve_again()
+        return self.model.ready
+
+    def unload(self, name: str) -> None:
+        self._named(name).stop()
+
+    def _named(self, name: str) -> KServeModel:
+        if name != self.model.name:
+            raise KeyError(f"model with name {name} does not exist")
+        return self.model
 
 
 def _text(value, field: str) -> str:

@@ -16,8 +16,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.background import BackgroundTask
 
-from predictor.api.service import GenerationService, ServedModel, usage
-from predictor.engine import Delta, GenerationStream, InvalidRequest
+from predictor.api.service import GenerationService, ServedModel, failure, usage
+from predictor.engine import Delta, EngineUnavailable, GenerationStream, InvalidRequest
 
 # FastChat's ErrorCode.INTERNAL_ERROR and SERVER_ERROR_MSG, for a generation that fails after it started.
 INTERNAL_ERROR_CODE = 50001
@@ -192,8 +192,11 @@ async def _outputs(stream: GenerationStream, prefix: str) -> AsyncIterator[Worke
                     text += event.text
                     yield WorkerOutput(text=text, usage=_usage(stream))
             elif event.finish_reason == "error":
-                yield WorkerOutput(text=SERVER_ERROR_MSG, error_code=INTERNAL_ERROR_CODE, usage=_usage(stream),
-                                   finish_reason="error")
+                # FastChat's workers add an error's reason this way; a server fault's stays in the log.
+                error = failure(event)
+                reason = f"\n\n({error})" if isinstance(error, EngineUnavailable) else ""
+                yield WorkerOutput(text=SERVER_ERROR_MSG + reason, error_code=INTERNAL_ERROR_CODE,
+                                   usage=_usage(stream), finish_reason="error")
             else:
                 yield WorkerOutput(text=text, usage=_usage(stream), finish_reason=event.finish_reason)
     finally:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from predictor.engine.core import EngineCore, SequenceOutput
-from predictor.engine.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
+from predictor.engine.errors import SHUTTING_DOWN, EngineOverloaded, EngineUnavailable, InvalidRequest
 from predictor.engine.sampling_params import SamplingParams
 from predictor.engine.sequence import Sequence
 from predictor.engine.stream import Finished, GenerationStream
@@ -92,6 +92,11 @@ class Engine:
         """Refuse new work (503); what is queued or running goes on to the end."""
         self._draining = True
 
+    def end_all(self) -> None:
+        """End every queued and running request now, freeing its KV blocks: each stream finishes with
+        finish_reason "error" and the error SHUTTING_DOWN (the shutdown's grace period is over)."""
+        self._inbox.put(("end_all", None))
+
     async def drained(self, poll_s: float = 0.05) -> None:
         while self._pending or self.core.has_work or self._embeds:
             await asyncio.sleep(poll_s)
@@ -104,7 +109,7 @@ class Engine:
         if not self.alive:
             raise EngineUnavailable("the engine has " + ("failed (see the server log)" if self.error else "stopped"))
         if self._draining:
-            raise EngineUnavailable("server is shutting down")
+            raise EngineUnavailable(SHUTTING_DOWN)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         self._check_admitting()
@@ -203,6 +208,9 @@ class Engine:
                 self.core.add(payload)
             elif kind == "embed":
                 self._run_embedding(*payload)
+            elif kind == "end_all":
+                for seq in [*self.core.scheduler.waiting, *self.core.scheduler.running]:
+                    self._cancel(seq.id, events, "error", SHUTTING_DOWN)
             else:
                 self._cancel(payload, events)
             try:
@@ -212,13 +220,13 @@ class Engine:
         self._emit(events)
         return True
 
-    def _cancel(self, request_id: int, events: list) -> None:
+    def _cancel(self, request_id: int, events: list, reason: str = "cancelled", error: str | None = None) -> None:
         seq = self.core.abort(request_id)
         if seq is None:
             return
         if seq.first_scheduled_at is None:
             self._call_loop(self._admitted, 1)
-        events.append((seq.stream, [], seq.num_generated, "cancelled", None, None))
+        events.append((seq.stream, [], seq.num_generated, reason, error, None))
 
     def _run_embedding(self, prompt_ids: list[int], future: asyncio.Future) -> None:
         vector = self.runner.embed(prompt_ids)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+SHUTTING_DOWN = "server is shutting down"  # why a request is refused, or ended, once a shutdown started
+
 
 class EngineError(Exception):
     """Base of the errors the engine raises to its callers."""
