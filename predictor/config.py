@@ -21,7 +21,7 @@ from predictor.engine.sampling_params import RepetitionPenalty, Temperature, Top
 DEFAULT_MODEL_DIR = Path("/mnt/models")
 GENERATION_DEFAULTS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 CPU_KV_CACHE_BYTES = 2 * 2**30
-DEFAULT_SHUTDOWN_TIMEOUT_S = 50.0  # the chart's terminationGracePeriodSeconds (60) less its margin (10)
+DEFAULT_SHUTDOWN_TIMEOUT_S = 45.0  # the chart's terminationGracePeriodSeconds (60) less its margin (15)
 ALL_INTERFACES = "0.0.0.0"
 BUILTIN_CHAT_TEMPLATES = ("llama-2", "mistral", "falcon", "vicuna", "dolly", "chatml")
 
@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         DEFAULT_SHUTDOWN_TIMEOUT_S, ge=0, description="On SIGTERM, SIGINT or POST /shutdown: seconds running "
         "requests get to finish (new ones get 503) before each is ended with an error; keep it below the pod's "
-        "terminationGracePeriodSeconds (the chart passes that minus 10)."
+        "terminationGracePeriodSeconds (the chart passes that less 15)."
     )
     log_requests: bool = Field(False, description="Log probes and /metrics too (other requests: one line each).")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -134,6 +135,8 @@ def serve(settings: Settings, rank: Rank | None) -> int:
 
 
 def run_follower(settings: Settings, rank: Rank) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 stops the others once it has drained (or the group breaks)
+        signal.signal(sig, signal.SIG_IGN)
     try:
         loaded = load(settings, rank)
         follow(loaded.runner, loaded.control)

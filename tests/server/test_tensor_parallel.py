@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 from models import greedy_reference, make_llama
-from servers import REPO, predictor_env, start
+from servers import REPO, listening_addresses, predictor_env, start, wait_for_metric
 from test_embeddings import assert_close, reference_embedding
 from test_generation import _post_all
 from test_structured_output import REPLY_FORMAT, REPLY_SCHEMA
@@ -114,6 +115,37 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+def test_tp2_listens_on_loopback_only_and_drains_on_sigterm(tiny_llama, tmp_path):
+    """Only the HTTP port faces the network: the ranks' rendezvous and collectives are on 127.0.0.1. A SIGTERM to
+    the launcher reaches rank 0 alone, which ends the stream that outlives the grace period in OpenAI's shape,
+    then stops rank 1; every process exits 0."""
+    server = start(tiny_llama, tmp_path / "tp2.log", "--tensor_parallel_size=2", "--max_model_len=32768",
+                   "--max_num_seqs=2", "--shutdown_timeout=2")
+    try:
+        ranks = ranks_of(server.process.pid)
+        assert sorted(ranks) == [0, 1]
+        http_port = int(server.url.rsplit(":", 1)[1])
+        listening = listening_addresses([server.process.pid, *ranks.values()])
+        assert {address for address, port in listening if port == http_port} == {"0.0.0.0"}
+        assert {address for address, port in listening if port != http_port} == {"127.0.0.1"}, listening
+
+        body = {"model": server.model_name, "prompt": "Once", "max_tokens": 30000, "ignore_eos": True, "stream": True}
+        answer: list[str] = []
+        client = threading.Thread(target=lambda: answer.append(
+            httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=120).text))
+        client.start()
+        wait_for_metric(server, "predictor_num_requests_running", 1)
+        server.process.send_signal(signal.SIGTERM)
+        client.join(timeout=120)
+        assert server.process.wait(timeout=90) == 0, server.output()[-3000:]
+        assert not any(Path(f"/proc/{pid}").exists() and not _is_zombie(pid) for pid in ranks.values())
+    finally:
+        server.stop()
+    events = [event.removeprefix("data: ") for event in answer[0].split("\n\n") if event]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["message"] == "server is shutting down"
+    assert "Traceback" not in server.output(), server.output()[-3000:]
 
 
 def test_kv_heads_not_divisible_are_refused_at_load(tokenizer_dir, tmp_path):
