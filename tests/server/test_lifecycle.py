@@ -73,26 +73,38 @@ def test_sigterm_ends_what_outlives_the_grace_period_in_each_routes_shape(tiny_l
 
 
 def test_sigterm_lets_running_requests_finish_within_the_grace_period(tiny_llama, tmp_path):
-    server = start(tiny_llama, tmp_path / "server.log", "--max_model_len=512", "--shutdown_timeout=300")
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+    """A request that fits the grace period ends as it would have; a second SIGTERM ends the rest at once."""
+    server = start(tiny_llama, tmp_path / "server.log", "--max_model_len=32768", "--shutdown_timeout=600")
+    short = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 100, "temperature": 0, "stream": True}
+    long = {**short, "max_tokens": LONG, "ignore_eos": True}
+    answers: dict[str, str] = {}
+
+    def send(name: str, body: dict) -> None:
+        answers[name] = httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=600).text
+
     try:
-        expected = httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=300).text
-        answer: list[str] = []
-        client = threading.Thread(target=lambda: answer.append(
-            httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=300).text))
-        client.start()
-        wait_for_metric(server, "predictor_num_requests_running", 1)
+        expected = httpx.post(f"{server.url}/openai/v1/completions", json=short, timeout=300).text
+        clients = [threading.Thread(target=send, args=args) for args in (("short", short), ("long", long))]
+        for client in clients:
+            client.start()
+        wait_for_metric(server, "predictor_num_requests_running", 2)
         server.process.send_signal(signal.SIGTERM)
-        late = httpx.post(f"{server.url}/openai/v1/completions", json={**body, "stream": False}, timeout=30)
+        late = httpx.post(f"{server.url}/openai/v1/completions", json={**short, "stream": False}, timeout=30)
         assert late.status_code == 503 and late.json() == {"error": SHUTTING_DOWN}
         readiness = httpx.get(f"{server.url}/v1/models/tiny", timeout=10)
         assert readiness.status_code == 503 and "shutting down" in readiness.text
-        client.join(timeout=300)
+        clients[0].join(timeout=600)
+        assert metric(server, "predictor_num_requests_running") == 1  # the long one goes on
+        server.process.send_signal(signal.SIGTERM)
+        clients[1].join(timeout=120)
         assert server.process.wait(timeout=60) == 0, server.output()[-3000:]
     finally:
         server.stop()
-    assert answer[0].endswith("data: [DONE]\n\n")
-    assert _stream_text(answer[0]) == _stream_text(expected) == (_stream_text(expected)[0], "length")
+    assert answers["short"].endswith("data: [DONE]\n\n")
+    assert _stream_text(answers["short"]) == _stream_text(expected) == (_stream_text(expected)[0], "length")
+    events = [event.removeprefix("data: ") for event in answers["long"].split("\n\n") if event]
+    assert events[-1] == "[DONE]" and json.loads(events[-2]) == {"error": SHUTTING_DOWN}
+    assert "SIGTERM again: ending the requests still running now" in server.output()
 
 
 def _stream_text(reply: str) -> tuple[str, str]:
