@@ -36,13 +36,14 @@ class Settings(BaseSettings):
     # KServe's own flags, same names and defaults.
     model_name: str | None = Field(None, description="Name the model is served under (default: 'model', or 'demo').")
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Hugging Face model directory.")
+    http_port: int = Field(8080, ge=1, le=65535)
+    grpc_port: int = Field(8081, ge=1, le=65535)
+    enable_grpc: bool = False
+
     host: str = Field(
         ALL_INTERFACES, min_length=1, description="Address the HTTP server listens on: 0.0.0.0 (every interface, as "
         "KServe listens in a pod) or 127.0.0.1 to serve this machine only."
     )
-    http_port: int = Field(8080, ge=1, le=65535)
-    grpc_port: int = Field(8081, ge=1, le=65535)
-    enable_grpc: bool = False
 
     config: Path | None = Field(None, description="YAML file with any of these settings.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -74,7 +75,8 @@ class Settings(BaseSettings):
     )
     enable_model_repository: bool = Field(
         False, description="Serve KServe's POST /v2/repository/models/{name}/load and /unload (behind api_key); "
-        "off since unloading takes the model away until a restart."
+        "unload takes the model out of service (its weights stay loaded), load serves it again; off since anyone "
+        "who can reach the port could take the model out of service."
     )
     shutdown_timeout: float = Field(
         DEFAULT_SHUTDOWN_TIMEOUT_S, ge=0, description="On SIGTERM, SIGINT or POST /shutdown: seconds running "
@@ -100,13 +102,13 @@ class Settings(BaseSettings):
             raise ValueError(f"neither a built-in ({', '.join(BUILTIN_CHAT_TEMPLATES)}) nor a readable Jinja file")
         return template
 
-    @field_validator("enable_grpc")
+    @field_validator("host")
     @classmethod
-    def _grpc_on_every_interface(cls, enabled: bool, info: ValidationInfo) -> bool:
-        host = info.data.get("host", ALL_INTERFACES)
-        if enabled and host != ALL_INTERFACES:
-            raise ValueError(f"KServe's gRPC server listens on every interface, which --host {host} rules out")
-        return enabled
+    def _grpc_on_every_interface(cls, host: str, info: ValidationInfo) -> str:
+        if info.data.get("enable_grpc") and host != ALL_INTERFACES:
+            raise ValueError(f"must be {ALL_INTERFACES} with enable_grpc: KServe's gRPC server always listens on "
+                             "every interface")
+        return host
 
     @field_validator("api_key_file")
     @classmethod

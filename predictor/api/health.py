@@ -6,7 +6,7 @@
 - GET /healthz (Kaito) also runs a tiny operation on the device; GET /version names the versions.
 - POST /shutdown (Kaito; off unless --enable_shutdown) shuts down as SIGTERM does (predictor/api/shutdown.py).
 - KServe's model repository (POST /v2/repository/models/{name}/load, /unload) would let anyone who reaches the
-  port unload the model for good: it is 404 unless --enable_model_repository (and then behind --api_key).
+  port take the model out of service: it is 404 unless --enable_model_repository (and then behind --api_key).
 - KServe's POST /v1/models/{name}:explain would answer 501 (no explainer is deployed with this server): 404.
 """
 

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 
 from fastapi import FastAPI
@@ -45,10 +46,11 @@ class Shutdown:
     def take_signals(self) -> None:
         """From now on SIGTERM and SIGINT start the shutdown (a second one ends what still runs at once). Call on
         the event loop's thread (the main one) after uvicorn has installed its own handlers."""
-        loop = asyncio.get_running_loop()
         uvicorn_exit = signal.getsignal(signal.SIGTERM)
-        if callable(uvicorn_exit):
-            self._stop_server = lambda: uvicorn_exit(signal.SIGTERM, None)
+        if threading.current_thread() is not threading.main_thread() or not callable(uvicorn_exit):
+            return  # uvicorn handles no signals here: neither do we
+        self._stop_server = lambda: uvicorn_exit(signal.SIGTERM, None)
+        loop = asyncio.get_running_loop()
         for sig in SIGNALS:
             signal.signal(sig, lambda signum, frame: loop.call_soon_threadsafe(self._on_signal, signum))
 
