@@ -77,6 +77,7 @@ def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_p
         assert_tp_structured_output_validates(server)
         ranks = ranks_of(server.process.pid)
         assert sorted(ranks) == [0, 1]
+        assert_only_http_faces_the_network(server, ranks)
 
         os.kill(ranks[1], signal.SIGKILL)
         assert server.process.wait(timeout=90) != 0
@@ -117,20 +118,21 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def test_tp2_listens_on_loopback_only_and_drains_on_sigterm(tiny_llama, tmp_path):
-    """Only the HTTP port faces the network: the ranks' rendezvous and collectives are on 127.0.0.1. A SIGTERM to
-    the launcher reaches rank 0 alone, which ends the stream that outlives the grace period in OpenAI's shape,
-    then stops rank 1; every process exits 0."""
+def assert_only_http_faces_the_network(server, ranks: dict[int, int]) -> None:
+    """The ranks' rendezvous and collectives listen on 127.0.0.1 (torchrun's agent listened on every interface)."""
+    http_port = int(server.url.rsplit(":", 1)[1])
+    listening = listening_addresses([server.process.pid, *ranks.values()])
+    assert {address for address, port in listening if port == http_port} == {"0.0.0.0"}
+    assert {address for address, port in listening if port != http_port} == {"127.0.0.1"}, listening
+
+
+def test_tp2_drains_on_sigterm_and_every_rank_exits_0(tiny_llama, tmp_path):
+    """A SIGTERM to the launcher reaches rank 0 alone, which ends the stream that outlives the grace period in
+    OpenAI's shape, then stops rank 1; every process exits 0."""
     server = start(tiny_llama, tmp_path / "tp2.log", "--tensor_parallel_size=2", "--max_model_len=32768",
                    "--max_num_seqs=2", "--shutdown_timeout=2")
     try:
         ranks = ranks_of(server.process.pid)
-        assert sorted(ranks) == [0, 1]
-        http_port = int(server.url.rsplit(":", 1)[1])
-        listening = listening_addresses([server.process.pid, *ranks.values()])
-        assert {address for address, port in listening if port == http_port} == {"0.0.0.0"}
-        assert {address for address, port in listening if port != http_port} == {"127.0.0.1"}, listening
-
         body = {"model": server.model_name, "prompt": "Once", "max_tokens": 30000, "ignore_eos": True, "stream": True}
         answer: list[str] = []
         client = threading.Thread(target=lambda: answer.append(
