@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         return soak_main(argv[1:])
 
     from predictor.config import ConfigError, load_settings
-    from predictor.engine.tp import launch_local_ranks, rank_from_env
+    from predictor.engine.launcher import launch_local_ranks
+    from predictor.engine.tp import rank_from_env
 
     try:
         settings = load_settings(argv)

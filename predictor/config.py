@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ByteSize, Field, SecretStr, ValidationError, field_validator
+from pydantic import ByteSize, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -21,6 +21,8 @@ from predictor.engine.sampling_params import RepetitionPenalty, Temperature, Top
 DEFAULT_MODEL_DIR = Path("/mnt/models")
 GENERATION_DEFAULTS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 CPU_KV_CACHE_BYTES = 2 * 2**30
+DEFAULT_SHUTDOWN_TIMEOUT_S = 45.0  # the chart's terminationGracePeriodSeconds (60) less its margin (15)
+ALL_INTERFACES = "0.0.0.0"
 BUILTIN_CHAT_TEMPLATES = ("llama-2", "mistral", "falcon", "vicuna", "dolly", "chatml")
 
 
@@ -37,6 +39,11 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=1, le=65535)
     grpc_port: int = Field(8081, ge=1, le=65535)
     enable_grpc: bool = False
+
+    host: str = Field(
+        ALL_INTERFACES, min_length=1, description="Address the HTTP server listens on: 0.0.0.0 (every interface, as "
+        "KServe listens in a pod) or 127.0.0.1 to serve this machine only."
+    )
 
     config: Path | None = Field(None, description="YAML file with any of these settings.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -82,7 +89,13 @@ class Settings(BaseSettings):
     )
     enable_model_repository: bool = Field(
         False, description="Serve KServe's POST /v2/repository/models/{name}/load and /unload (behind api_key); "
-        "off since unloading takes the model away until a restart."
+        "unload takes the model out of service (its weights stay loaded), load serves it again; off since anyone "
+        "who can reach the port could take the model out of service."
+    )
+    shutdown_timeout: float = Field(
+        DEFAULT_SHUTDOWN_TIMEOUT_S, ge=0, description="On SIGTERM, SIGINT or POST /shutdown: seconds running "
+        "requests get to finish (new ones get 503) before each is ended with an error; keep it below the pod's "
+        "terminationGracePeriodSeconds (the chart passes that less 15)."
     )
     log_requests: bool = Field(False, description="Log probes and /metrics too (other requests: one line each).")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
@@ -102,6 +115,14 @@ class Settings(BaseSettings):
         if template and template not in BUILTIN_CHAT_TEMPLATES and not Path(template).is_file():
             raise ValueError(f"neither a built-in ({', '.join(BUILTIN_CHAT_TEMPLATES)}) nor a readable Jinja file")
         return template
+
+    @field_validator("host")
+    @classmethod
+    def _grpc_on_every_interface(cls, host: str, info: ValidationInfo) -> str:
+        if info.data.get("enable_grpc") and host != ALL_INTERFACES:
+            raise ValueError(f"must be {ALL_INTERFACES} with enable_grpc: KServe's gRPC server always listens on "
+                             "every interface")
+        return host
 
     @field_validator("api_key_file")
     @classmethod

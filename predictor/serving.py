@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from predictor import loader, metrics
 from predictor.api import app
 from predictor.api.chat_templates import resolve_chat_template
 from predictor.api.kserve_model import KServeModel
+from predictor.api.model_server import ModelServer
 from predictor.api.service import GenerationService, ModelShape
 from predictor.config import Settings
 from predictor.engine import Engine
@@ -139,13 +141,12 @@ def serve(settings: Settings, rank: Rank | None) -> int:
         return build_service(settings, loaded_holder[0])
 
     model = KServeModel(settings.served_model_name, build)
-    server = kserve.ModelServer(
-        http_port=settings.http_port, grpc_port=settings.grpc_port, enable_grpc=settings.enable_grpc, workers=1
-    )
+    server = ModelServer(model, host=settings.host, http_port=settings.http_port, grpc_port=settings.grpc_port,
+                         enable_grpc=settings.enable_grpc)
     app.install(kserve.model_server.app, model, api_key=settings.resolved_api_key,
                 max_request_bytes=settings.max_request_bytes, enable_shutdown=settings.enable_shutdown,
-                enable_model_repository=settings.enable_model_repository, log_requests=settings.log_requests)
-    server.register_model(model)
+                enable_model_repository=settings.enable_model_repository, log_requests=settings.log_requests,
+                shutdown_timeout=settings.shutdown_timeout)
     threading.Thread(target=_load_or_exit, args=(model,), name="load", daemon=True).start()
     server.start([])
     if model.service is not None:
@@ -159,6 +160,8 @@ def serve(settings: Settings, rank: Rank | None) -> int:
 
 
 def run_follower(settings: Settings, rank: Rank) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 stops the others once it has drained (or the group breaks)
+        signal.signal(sig, signal.SIG_IGN)
     try:
         loaded = load(settings, rank)
         follow(loaded.runner, loaded.control)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 120
@@ -121,3 +122,20 @@ def held_request(server, path: str, body: dict) -> socket.socket:
     sock.sendall(f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
                  f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
     return sock
+
+
+def listening_addresses(pids) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the processes listen on."""
+    return {(c.laddr.ip, c.laddr.port) for pid in pids for c in psutil.Process(pid).connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def outside_address() -> str | None:
+    """An address of this machine's other than loopback, or None if it has none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # a documentation address: picks the outgoing interface, sends nothing
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address

@@ -4,7 +4,6 @@ after ours when the server starts, so ours answer first where both match)."""
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,14 +16,18 @@ from predictor.api.kserve_model import KServeModel
 from predictor.api.middleware import AccessLog, BufferedBody, InternalErrors, RequireKey
 from predictor.api.openai.routes import completions_router
 from predictor.api.service import ServedModel
+from predictor.api.shutdown import Shutdown, take_signals_on_startup
 from predictor.api.worker import worker_router
 from predictor.engine import EngineError
 
 
 def install(app: FastAPI, model: KServeModel, *, api_key: str | None, max_request_bytes: int,
-            enable_shutdown: bool = False, enable_model_repository: bool = False, log_requests: bool = False) -> None:
-    served = ServedModel(model.name, lambda: model.service if model.ready else None)
-    app.include_router(health_router(served, enable_shutdown=enable_shutdown,
+            enable_shutdown: bool = False, enable_model_repository: bool = False, log_requests: bool = False,
+            shutdown_timeout: float = 0.0) -> None:
+    served = ServedModel(model.name, lambda: model.service, lambda: model.unloaded)
+    shutdown = Shutdown(served, shutdown_timeout)
+    take_signals_on_startup(app, shutdown)
+    app.include_router(health_router(served, shutdown, enable_shutdown=enable_shutdown,
                                      enable_model_repository=enable_model_repository))
     for router in (kaito_router, completions_router, embeddings_router, worker_router):
         app.include_router(router(served))
@@ -45,11 +48,14 @@ async def _refused(request: Request, err: EngineError | ModelNotFound) -> JSONRe
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    """A 400 in OpenAI's shape for a body that does not parse or breaks a bound, naming the field; KServe's own
-    routes keep FastAPI's 422."""
-    if KSERVE_PATHS.match(request.url.path):
-        return await request_validation_exception_handler(request, err)
+    """A 400 naming the field for a body that does not parse or breaks a bound: in OpenAI's shape on our routes,
+    in KServe's {"error": message} on its V2 routes (whose body is InferenceRequest | bytes: the union's member
+    names are left out of the field)."""
     first = err.errors()[0]
+    if KSERVE_PATHS.match(request.url.path):
+        loc = [p for p in first.get("loc", ()) if p not in ("body", "InferenceRequest", "bytes")]
+        field = ".".join(str(p) for p in loc) or "body"
+        return error_response(request.url.path, 400, f"{field}: {first.get('msg', 'invalid')}", field)
     if first.get("type") == "json_invalid":
         message = f"body: not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
         return error_response(request.url.path, 400, message, "body")

@@ -15,8 +15,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.create_embedding_response import Usage
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from predictor.api.openai.protocol import integer_token_ids
 from predictor.api.service import GenerationService, ServedModel
 from predictor.engine import InvalidRequest
 
@@ -29,7 +30,12 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _integer_token_ids(cls, given):
+        return integer_token_ids(given)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="Only the model's hidden size is served.")
     user: str | None = None

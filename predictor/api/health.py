@@ -5,9 +5,9 @@
   (KServe V2) are 200 only when the model is loaded and the engine runs, 503 otherwise, without a log line.
 - GET /healthz (Kaito) also runs a tiny operation on the device, on a thread of its own: it never waits behind
   tokenization or grammar compilation. GET /version names the versions.
-- POST /shutdown (Kaito; off unless --enable_shutdown) drains the engine, then stops every rank.
+- POST /shutdown (Kaito; off unless --enable_shutdown) shuts down as SIGTERM does (predictor/api/shutdown.py).
 - KServe's model repository (POST /v2/repository/models/{name}/load, /unload) would let anyone who reaches the
-  port unload the model for good: it is 404 unless --enable_model_repository (and then behind --api_key).
+  port take the model out of service: it is 404 unless --enable_model_repository (and then behind --api_key).
 - KServe's POST /v1/models/{name}:explain would answer 501 (no explainer is deployed with this server): 404.
 """
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
@@ -25,16 +23,16 @@ from fastapi.responses import JSONResponse
 
 from predictor.api.errors import error_response
 from predictor.api.service import ServedModel
-from predictor.engine import Engine, EngineUnavailable
+from predictor.api.shutdown import Shutdown
 
 logger = logging.getLogger(__name__)
 
 DEVICE_CHECK_TIMEOUT_S = 5.0
 
 
-def health_router(served: ServedModel, *, enable_shutdown: bool, enable_model_repository: bool) -> APIRouter:
+def health_router(served: ServedModel, shutdown: Shutdown, *, enable_shutdown: bool,
+                  enable_model_repository: bool) -> APIRouter:
     router = APIRouter(tags=["health"])
-    shutdown = Shutdown()
     device_probe = ThreadPoolExecutor(1, thread_name_prefix="device-probe")
 
     def problem() -> str | None:
@@ -77,7 +75,7 @@ def health_router(served: ServedModel, *, enable_shutdown: bool, enable_model_re
         if not enable_shutdown:
             return error_response("/shutdown", 403, "POST /shutdown is disabled; start the server with "
                                   "--enable_shutdown to allow it", "enable_shutdown")
-        shutdown.start(served.ready().engine)
+        shutdown.start()
         return {"status": "shutting down"}
 
     if not enable_model_repository:
@@ -97,14 +95,15 @@ def health_router(served: ServedModel, *, enable_shutdown: bool, enable_model_re
 
 def readiness_problem(served: ServedModel, shutting_down: bool = False) -> str | None:
     """Why the server cannot take requests now; None when it can."""
-    try:
-        engine = served.ready().engine
-    except EngineUnavailable:
+    engine = served.engine
+    if engine is None:
         return "model is loading"
     if not engine.alive:  # a dead tensor-parallel rank fails rank 0's next collective, which ends the engine
         return "engine failed (see the server log)"
     if shutting_down or engine.draining:
         return "shutting down"
+    if served.unloaded:
+        return "model is unloaded"
     return None
 
 
@@ -117,7 +116,7 @@ def _model_readiness(served: ServedModel, name: str, problem: str | None, path: 
 
 
 async def _device_problem(served: ServedModel, thread: ThreadPoolExecutor) -> str | None:
-    engine = served.ready().engine
+    engine = served.engine
     try:
         probe = asyncio.get_running_loop().run_in_executor(thread, engine.check_device)
         await asyncio.wait_for(probe, DEVICE_CHECK_TIMEOUT_S)
@@ -127,30 +126,3 @@ async def _device_problem(served: ServedModel, thread: ThreadPoolExecutor) -> st
         logger.exception("the device check failed")
         return "device is unusable (see the server log)"
     return None
-
-
-class Shutdown:
-    """Drain the engine (new work gets 503, queued and running work finishes), then stop the server.
-
-    SIGTERM to ourselves is what triggers uvicorn's (and so KServe's) graceful stop; serve() then stops the
-    engine and tells the other tensor-parallel ranks to stop, and every process exits 0.
-    """
-
-    def __init__(self):
-        self.task: asyncio.Task | None = None
-
-    @property
-    def started(self) -> bool:
-        return self.task is not None
-
-    def start(self, engine: Engine) -> None:
-        if self.task is None:
-            engine.begin_drain()
-            self.task = asyncio.create_task(self._stop_when_drained(engine))
-
-    @staticmethod
-    async def _stop_when_drained(engine: Engine) -> None:
-        logger.info("shutdown requested: draining")
-        await engine.drained()
-        logger.info("drained: stopping the server")
-        os.kill(os.getpid(), signal.SIGTERM)

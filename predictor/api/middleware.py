@@ -193,16 +193,18 @@ class AccessLog:
 
 
 class RequireKey:
-    """With --api_key, every route but the probes, /metrics and the OpenAPI document needs 'Bearer <key>'."""
+    """With --api_key, every route but the probes, /metrics and the OpenAPI document needs 'Bearer <key>' (the
+    scheme in any case, as RFC 7235 has it)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or OPEN_PATHS.match(scope["path"]):
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, credentials = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        given = credentials.lstrip(b" ") if scheme.lower() == b"bearer" else b""
         if not hmac.compare_digest(given, self.expected):
             response = error_response(scope["path"], 401, "missing or wrong API key")
             return await response(scope, receive, send)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from predictor.api.dialogs import check_dialog, control_strings
 from predictor.api.errors import ModelNotFound
 from predictor.engine import (
+    SHUTTING_DOWN,
     Delta,
     Engine,
     EngineUnavailable,
@@ -80,6 +81,8 @@ class GenerationService:
     async def encode_prompt(self, prompt, field: str = "prompt") -> list[int]:
         if not isinstance(prompt, str):
             raise InvalidRequest(field, "must be a string")
+        if not prompt:  # it would still tokenize, to a lone BOS token
+            raise InvalidRequest(field, "must not be empty")
         self._check_length(prompt, field)
         return await asyncio.to_thread(lambda: self.tokenizer(prompt).input_ids)
 
@@ -154,7 +157,7 @@ class GenerationService:
                     pieces.append(event.text)
                 elif isinstance(event, Finished):
                     if event.finish_reason == "error":
-                        raise GenerationFailed(event.error)
+                        raise failure(event)
                     return GenerationResult("".join(pieces), event.finish_reason, event.prompt_tokens,
                                             event.completion_tokens)
         finally:
@@ -176,18 +179,42 @@ class GenerationFailed(RuntimeError):
     """A generation ended with an error inside the engine: a server fault, not the client's."""
 
 
-class ServedModel:
-    """The model a router serves: its name, and its GenerationService once loaded."""
+def failure(finished: Finished) -> GenerationFailed | EngineUnavailable:
+    """What a generation that finished with an error raises: the shutdown ended it (a 503, worth retrying
+    elsewhere) or it failed (a 500)."""
+    if finished.error == SHUTTING_DOWN:
+        return EngineUnavailable(SHUTTING_DOWN)
+    return GenerationFailed(f"generation failed: {finished.error}")
 
-    def __init__(self, name: str, service: Callable[[], GenerationService | None]):
+
+class ServedModel:
+    """The model a router serves: its name, and its GenerationService once loaded and while not unloaded."""
+
+    def __init__(self, name: str, service: Callable[[], GenerationService | None],
+                 unloaded: Callable[[], bool] = lambda: False):
         self.name = name
         self._service = service
+        self._unloaded = unloaded
 
     def ready(self) -> GenerationService:
+        if self.unloaded:
+            raise EngineUnavailable(f"model {self.name} is unloaded; POST /v2/repository/models/{self.name}/load "
+                                    "serves it again")
         service = self._service()
         if service is None:
             raise EngineUnavailable(f"model {self.name} is still loading")
         return service
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine, serving or unloaded (what a shutdown drains); None while the model loads."""
+        service = self._service()
+        return service.engine if service is not None else None
+
+    @property
+    def unloaded(self) -> bool:
+        """KServe's model repository unloaded the model: the weights stay, no request is taken."""
+        return self._unloaded()
 
     def check(self, requested: str | None) -> None:
         """A request naming another model is a 404, as OpenAI answers it; naming none means this one."""

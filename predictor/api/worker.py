@@ -13,11 +13,11 @@ from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.background import BackgroundTask
 
-from predictor.api.service import GenerationService, ServedModel, usage
-from predictor.engine import Delta, GenerationStream, InvalidRequest
+from predictor.api.service import GenerationService, ServedModel, failure, usage
+from predictor.engine import Delta, EngineUnavailable, GenerationStream, InvalidRequest
 
 # FastChat's ErrorCode.INTERNAL_ERROR and SERVER_ERROR_MSG, for a generation that fails after it started.
 INTERNAL_ERROR_CODE = 50001
@@ -58,7 +58,7 @@ class WorkerGenerateRequest(BaseModel):
     top_k: int | None = Field(None, description="-1 or 0 disables")
     max_new_tokens: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     echo: bool = Field(True, description="Prefix the text with the prompt (FastChat's default)")
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
@@ -192,8 +192,11 @@ async def _outputs(stream: GenerationStream, prefix: str) -> AsyncIterator[Worke
                     text += event.text
                     yield WorkerOutput(text=text, usage=_usage(stream))
             elif event.finish_reason == "error":
-                yield WorkerOutput(text=SERVER_ERROR_MSG, error_code=INTERNAL_ERROR_CODE, usage=_usage(stream),
-                                   finish_reason="error")
+                # FastChat's workers add an error's reason this way; a server fault's stays in the log.
+                error = failure(event)
+                reason = f"\n\n({error})" if isinstance(error, EngineUnavailable) else ""
+                yield WorkerOutput(text=SERVER_ERROR_MSG + reason, error_code=INTERNAL_ERROR_CODE,
+                                   usage=_usage(stream), finish_reason="error")
             else:
                 yield WorkerOutput(text=text, usage=_usage(stream), finish_reason=event.finish_reason)
     finally:

@@ -4,11 +4,11 @@ It knows nothing of HTTP. The front-ends use Engine.submit() / embed() and itera
 """
 
 from predictor.engine.engine import Engine
-from predictor.engine.errors import EngineError, EngineOverloaded, EngineUnavailable, InvalidRequest
+from predictor.engine.errors import SHUTTING_DOWN, EngineError, EngineOverloaded, EngineUnavailable, InvalidRequest
 from predictor.engine.sampling_params import SamplingParams, StructuredOutput, TokenLogprob
 from predictor.engine.stream import Delta, Finished, FinishReason, GenerationStream
 
 __all__ = [
-    "Delta", "Engine", "EngineError", "EngineOverloaded", "EngineUnavailable", "Finished", "FinishReason",
-    "GenerationStream", "InvalidRequest", "SamplingParams", "StructuredOutput", "TokenLogprob",
+    "SHUTTING_DOWN", "Delta", "Engine", "EngineError", "EngineOverloaded", "EngineUnavailable", "Finished",
+    "FinishReason", "GenerationStream", "InvalidRequest", "SamplingParams", "StructuredOutput", "TokenLogprob",
 ]

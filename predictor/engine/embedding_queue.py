@@ -40,6 +40,10 @@ class EmbeddingQueue:
     def add(self, job: EmbeddingJob) -> None:
         self._jobs.append(job)
 
+    def clear(self) -> None:
+        """Forget every job (their futures are answered on the event loop)."""
+        self._jobs.clear()
+
     def drop_cancelled(self) -> int:
         """Forget the jobs whose clients left; how many of their prompts will never be computed."""
         dropped = 0

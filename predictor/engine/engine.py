@@ -22,7 +22,7 @@ import torch
 
 from predictor.engine.core import EngineCore, SequenceOutput
 from predictor.engine.embedding_queue import EmbeddingJob, EmbeddingQueue
-from predictor.engine.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
+from predictor.engine.errors import SHUTTING_DOWN, EngineOverloaded, EngineUnavailable, InvalidRequest
 from predictor.engine.sampling_params import SamplingParams
 from predictor.engine.sequence import Sequence
 from predictor.engine.stream import Finished, GenerationStream
@@ -99,6 +99,11 @@ class Engine:
         """Refuse new work (503); what is queued or running goes on to the end."""
         self._draining = True
 
+    def end_all(self) -> None:
+        """End every queued and running request now, freeing its KV blocks: each stream finishes with
+        finish_reason "error" and the error SHUTTING_DOWN (the shutdown's grace period is over)."""
+        self._inbox.put(("end_all", None))
+
     async def drained(self, poll_s: float = 0.05) -> None:
         while self._pending or self.core.has_work or self._embedding_jobs:
             await asyncio.sleep(poll_s)
@@ -118,7 +123,7 @@ class Engine:
         if not self.alive:
             raise EngineUnavailable("the engine has " + ("failed (see the server log)" if self.error else "stopped"))
         if self._draining:
-            raise EngineUnavailable("server is shutting down")
+            raise EngineUnavailable(SHUTTING_DOWN)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         return self.submit_all([(prompt_ids, params)], "prompt")[0]
@@ -153,6 +158,11 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                 f"must be <= max_model_len ({self.max_model_len})",
             )
+        vocab_size = self.runner.vocab_size
+        beyond = next((i for i, t in enumerate(params.stop_token_ids) if t >= vocab_size), None)
+        if beyond is not None:
+            raise InvalidRequest(f"stop_token_ids.{beyond}", f"{params.stop_token_ids[beyond]} is not a token id of "
+                                 f"this model: must be < {vocab_size}, the vocabulary size")
 
     def check_request_size(self, count: int, field: str) -> None:
         """A request of `count` generations or embedding inputs can ever be queued: call this before preparing
@@ -275,6 +285,11 @@ class Engine:
                 self.core.add(payload)
             elif kind == "embed":
                 self._embeddings.add(payload)
+            elif kind == "end_all":
+                for seq in [*self.core.scheduler.waiting, *self.core.scheduler.running]:
+                    self._cancel(seq.id, events, "error", SHUTTING_DOWN)
+                self._embeddings.clear()
+                self._call_loop(self._fail_embeddings, SHUTTING_DOWN)
             else:
                 self._cancel(payload, events)
             try:
@@ -284,13 +299,13 @@ class Engine:
         self._emit(events)
         return True
 
-    def _cancel(self, request_id: int, events: list) -> None:
+    def _cancel(self, request_id: int, events: list, reason: str = "cancelled", error: str | None = None) -> None:
         seq = self.core.abort(request_id)
         if seq is None:
             return
         if seq.first_scheduled_at is None:
             self._call_loop(self._admitted, [(seq.stream, seq.num_cached_tokens)])
-        events.append((seq.stream, [], seq.num_generated, "cancelled", None, None))
+        events.append((seq.stream, [], seq.num_generated, reason, error, None))
 
     def _embed_batch(self) -> None:
         """Drop the jobs whose clients left, then compute one bounded batch of the others' prompts."""
@@ -305,7 +320,7 @@ class Engine:
     def _fail_embeddings(self, message: str) -> None:
         for job in self._embedding_jobs:
             if not job.future.done():
-                job.future.set_exception(EngineUnavailable(f"engine failed: {message}"))
+                job.future.set_exception(EngineUnavailable(message))
         self._embedding_jobs.clear()
 
     def _emit(self, events: list) -> None:
@@ -322,7 +337,7 @@ class Engine:
         scheduler.waiting.clear()
         scheduler.running.clear()
         self._emit([(s.stream, [], s.num_generated, "error", str(err), None) for s in seqs])
-        self._call_loop(self._fail_embeddings, str(err))
+        self._call_loop(self._fail_embeddings, f"engine failed: {err}")
 
 
 def _event(output: SequenceOutput) -> tuple:

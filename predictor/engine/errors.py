@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+SHUTTING_DOWN = "server is shutting down"  # why a request is refused, or ended, once a shutdown started
+
 
 class EngineError(Exception):
     """Base of the errors the engine raises to its callers."""
@@ -13,6 +17,16 @@ class InvalidRequest(EngineError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.detail = message
+
+    def renamed(self, names: dict[str, str]) -> InvalidRequest:
+        """The same refusal in a front-end's words: every field name that is a key of names, in the field and in
+        the message, becomes its value (max_new_tokens -> OpenAI's max_tokens)."""
+        if not names:
+            return self
+        words = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+        field = words.sub(lambda m: names[m.group()], self.field)
+        return InvalidRequest(field, words.sub(lambda m: names[m.group()], self.detail))
 
 
 class EngineOverloaded(EngineError):

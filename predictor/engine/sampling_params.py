@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 INT64_MAX = 2**63 - 1  # what the sampler's tensors hold
 Temperature = Annotated[float, Field(ge=0.0, le=100.0, description="0 means greedy.")]
@@ -20,6 +21,8 @@ RepetitionPenalty = Annotated[float, Field(gt=0.0, le=100.0)]
 PresencePenalty = Annotated[float, Field(ge=-2.0, le=2.0, description="OpenAI's: subtracted once per seen token.")]
 FrequencyPenalty = Annotated[float, Field(ge=-2.0, le=2.0, description="OpenAI's: subtracted per occurrence.")]
 Seed = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# Strict: JSON true and 1.0 are not token ids (pydantic's lax mode would take both as 1).
+TokenId = Annotated[StrictInt, Field(ge=0)]
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
@@ -49,12 +52,20 @@ class SamplingParams(BaseModel):
     frequency_penalty: FrequencyPenalty = 0.0
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives to report per token.")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     seed: Seed | None = None
     structured_output: StructuredOutput | None = Field(
         None, description="Held to a grammar: it ends when the JSON is complete, whatever min_new_tokens or "
                           "ignore_eos say (only a complete JSON may take EOS).")
+
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
+        most = info.data.get("max_new_tokens")
+        if most is not None and value > most:
+            raise PydanticCustomError("min_above_max", "must be <= max_new_tokens ({most})", {"most": most})
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""Tensor parallelism: launching ranks, and rank 0 leading the others step by step.
+"""Tensor parallelism: rank 0 leading the others step by step (predictor/engine/launcher.py starts them on one
+node).
 
 Every rank loads its shard and owns a ModelRunner (with the same KV cache size and the same CUDA graphs).
 Rank 0 schedules; before each runner call it broadcasts the call as int64 tensors (an op and size header,
@@ -17,7 +18,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,22 +52,6 @@ def rank_from_env() -> Rank | None:
     if "WORLD_SIZE" not in os.environ:
         return None
     return Rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def launch_local_ranks(nproc: int, argv: list[str]) -> int:
-    """Re-run this command as `nproc` ranks under torchrun's agent, which stops all ranks if one fails."""
-    from torch.distributed.run import main as torchrun
-
-    args = ["--standalone", f"--nproc_per_node={nproc}", "--max_restarts=0", "--module", "predictor", *argv]
-    logger.info("starting %d tensor-parallel ranks", nproc)
-    try:
-        torchrun(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    except Exception as err:  # torchrun raises ChildFailedError when a rank fails
-        print(f"llm-predictor: a tensor-parallel rank failed: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def init_process_groups(device: torch.device) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:

@@ -31,9 +31,9 @@ def test_multinode_head_workers_and_rendezvous():
     assert predictor["labels"]["llm-predictor/role"] == "head"
     assert head["command"] == ["torchrun"]
     rdzv = "--rdzv_endpoint=t-llm-predictor-head.llm.svc:29500"
-    assert head["args"][:8] == ["--node_rank=0", "--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=static", rdzv,
-                                "--rdzv_conf=timeout=1800", "--max_restarts=0", "-m"]
-    assert head["args"][8] == "predictor"
+    assert head["args"][:9] == ["--node_rank=0", "--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=static", rdzv,
+                                "--rdzv_conf=timeout=1800", "--max_restarts=0", "--shutdown_timeout=55", "-m"]
+    assert head["args"][9] == "predictor"
     assert args_of(head)["tensor_parallel_size"] == "8"
 
     services = {s["metadata"]["name"]: s for s in ch.by_kind(objects, "Service")}

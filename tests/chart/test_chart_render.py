@@ -234,6 +234,19 @@ def test_enforce_eager_is_passed_as_the_bare_flag_only_when_set():
     assert not any("enforce_eager" in a for a in container_of(ch.template(BASE))["args"])
 
 
+@pytest.mark.parametrize("grace, drain, torchrun", [(60, "45", "55"), (300, "285", "295"), (10, "1", "5")])
+def test_the_shutdown_timeouts_fit_the_termination_grace_period(grace, drain, torchrun):
+    """Running requests get the grace period less 15 s: time to end the rest in their own shape and exit before
+    the kubelet's SIGKILL; torchrun (multi-node) waits less 5 s for its ranks."""
+    objects = ch.template("examples/llama-2-70b-2node.yaml", overrides={"terminationGracePeriodSeconds": grace})
+    head = container_of(objects)
+    assert isvc_of(objects)["spec"]["predictor"]["terminationGracePeriodSeconds"] == grace
+    assert args_of(head)["shutdown_timeout"] == drain
+    assert f"--shutdown_timeout={torchrun}" in head["args"][:head["args"].index("predictor")]
+    single = ch.template(BASE, overrides={"terminationGracePeriodSeconds": grace})
+    assert args_of(container_of(single))["shutdown_timeout"] == drain
+
+
 def test_image_digest_wins_over_tag():
     digest = "sha256:" + "ab" * 32
     container = container_of(ch.template(BASE, overrides={"image": {"digest": digest}}))

@@ -109,8 +109,9 @@ def _one_worker_form(body: dict) -> dict:
 
 def _falcon_without_beams(body: dict) -> dict:
     body = {**body, **{name: value for name, value in FALCON_NO_OPS.items() if name in body}}
-    if isinstance(body.get("max_length"), int):  # prompt + generated tokens: room for a short prompt and a few
-        body["max_length"] = min(body["max_length"], FALCON_MAX_LENGTH)
+    # prompt + generated tokens: room for a short prompt and a few (left out, it would be Kaito's 200, too long)
+    body["max_length"] = min(body["max_length"], FALCON_MAX_LENGTH) if isinstance(body.get("max_length"), int) \
+        else FALCON_MAX_LENGTH
     return body
 
 

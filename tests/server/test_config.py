@@ -44,6 +44,8 @@ def test_prefix_caching_is_on_unless_turned_off(monkeypatch):
         (["--chat_template=nonexistent"], "chat_template"),
         (["--config=/no/such.yaml"], "config"),
         (["--no_such_flag=1"], "--no_such_flag"),
+        (["--enable_grpc", "--host=127.0.0.1"], "host: .*gRPC server always listens on every interface"),
+        (["--shutdown_timeout=-1"], "shutdown_timeout"),
     ],
 )
 def test_invalid_settings_name_the_setting(argv, named):

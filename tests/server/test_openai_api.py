@@ -197,7 +197,7 @@ BAD_REQUESTS = [
     ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
     ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 10**9}, 400, "max_new_tokens"),
+    ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 from models import greedy_reference, make_llama
-from servers import REPO, predictor_env, start
+from servers import REPO, listening_addresses, predictor_env, start, wait_for_metric
 from test_embeddings import assert_close, reference_embedding
 from test_generation import _post_all
 from test_structured_output import REPLY_FORMAT, REPLY_SCHEMA
@@ -28,7 +28,7 @@ PROMPTS = ["Hello", "The capital of France is", "Once upon a time, in a land far
 
 
 def ranks_of(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the processes torchrun started under our launcher."""
+    """{rank: pid} of the processes our launcher started."""
     parents = {}
     for entry in Path("/proc").iterdir():
         try:
@@ -82,6 +82,7 @@ def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_p
         assert_tp_streams_n_choices_with_logprobs(server, reference)
         assert_tp_structured_output_validates(server)
         assert_tp_prefix_cache_hit_keeps_greedy_text(server, reference)
+        assert_only_http_faces_the_network(server, ranks_of(server.process.pid))
         assert_a_hung_follower_turns_readiness_503_and_ends_every_rank(server)
     finally:
         server.stop()
@@ -167,6 +168,38 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+def assert_only_http_faces_the_network(server, ranks: dict[int, int]) -> None:
+    """The ranks' rendezvous and collectives listen on 127.0.0.1 (torchrun's agent listened on every interface)."""
+    http_port = int(server.url.rsplit(":", 1)[1])
+    listening = listening_addresses([server.process.pid, *ranks.values()])
+    assert {address for address, port in listening if port == http_port} == {"0.0.0.0"}
+    assert {address for address, port in listening if port != http_port} == {"127.0.0.1"}, listening
+
+
+def test_tp2_drains_on_sigterm_and_every_rank_exits_0(tiny_llama, tmp_path):
+    """A SIGTERM to the launcher reaches rank 0 alone, which ends the stream that outlives the grace period in
+    OpenAI's shape, then stops rank 1; every process exits 0."""
+    server = start(tiny_llama, tmp_path / "tp2.log", "--tensor_parallel_size=2", "--max_model_len=32768",
+                   "--max_num_seqs=2", "--shutdown_timeout=2")
+    try:
+        ranks = ranks_of(server.process.pid)
+        body = {"model": server.model_name, "prompt": "Once", "max_tokens": 30000, "ignore_eos": True, "stream": True}
+        answer: list[str] = []
+        client = threading.Thread(target=lambda: answer.append(
+            httpx.post(f"{server.url}/openai/v1/completions", json=body, timeout=120).text))
+        client.start()
+        wait_for_metric(server, "predictor_num_requests_running", 1)
+        server.process.send_signal(signal.SIGTERM)
+        client.join(timeout=120)
+        assert server.process.wait(timeout=90) == 0, server.output()[-3000:]
+        assert not any(Path(f"/proc/{pid}").exists() and not _is_zombie(pid) for pid in ranks.values())
+    finally:
+        server.stop()
+    events = [event.removeprefix("data: ") for event in answer[0].split("\n\n") if event]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["message"] == "server is shutting down"
+    assert "Traceback" not in server.output(), server.output()[-3000:]
 
 
 def test_kv_heads_not_divisible_are_refused_at_load(tokenizer_dir, tmp_path):

@@ -318,6 +318,7 @@ the single-pod and multi-node forms. Takes (dict "plan" $plan "context" $).
 - --chat_template={{ . }}
 {{- end }}
 - --verify_weights={{ $m.verifyWeights }}
+- --shutdown_timeout={{ include "llm-predictor.shutdownTimeout" .context }}
 {{- range $m.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -367,6 +368,17 @@ their node rank from PET_NODE_RANK. Takes (dict "plan" $plan "context" $).
 - --rdzv_endpoint={{ include "llm-predictor.headService" $ctx }}.{{ $ctx.Release.Namespace }}.svc:{{ int $ctx.Values.multiNode.rendezvousPort }}
 - --rdzv_conf=timeout={{ int $ctx.Values.multiNode.rendezvousTimeoutSeconds }}
 - --max_restarts=0
+- --shutdown_timeout={{ max 1 (sub (int $ctx.Values.terminationGracePeriodSeconds) 5) }}
 - -m
 - predictor
+{{- end }}
+
+{{/*
+llm-predictor.shutdownTimeout: the predictor's --shutdown_timeout, the seconds running requests get to finish
+once the pod is stopped: terminationGracePeriodSeconds less 15 for ending the rest, sending their last bytes and
+exiting (at least 1). torchrun (multi-node) waits terminationGracePeriodSeconds less 5 for its ranks: rank 0
+drains, then stops the others.
+*/}}
+{{- define "llm-predictor.shutdownTimeout" -}}
+{{- max 1 (sub (int .Values.terminationGracePeriodSeconds) 15) -}}
 {{- end }}

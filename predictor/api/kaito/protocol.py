@@ -104,8 +104,9 @@ class FalconChatRequest(BaseModel):
     num_return_sequences: int = Field(1, ge=1, description="One sequence per request: must be 1.")
     output_scores: bool = Field(False, description="The response holds text only: must be false.")
     return_dict_in_generate: bool = Field(False, description="The response holds text only: must be false.")
-    pad_token_id: int | None = Field(None, ge=0, description="No effect: a single sequence is never padded.")
-    eos_token_id: int | None = Field(None, ge=0, description="Ends the text instead of the model's EOS.")
+    pad_token_id: int | None = Field(None, ge=0, strict=True,
+                                     description="No effect: a single sequence is never padded.")
+    eos_token_id: int | None = Field(None, ge=0, strict=True, description="Ends the text instead of the model's EOS.")
     forced_bos_token_id: int | None = Field(None, description="Not supported: must be null.")
     forced_eos_token_id: int | None = Field(None, description="Not supported: must be null.")
     remove_invalid_values: bool | None = Field(None, description="Not supported: must be null or false.")

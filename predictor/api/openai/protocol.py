@@ -7,12 +7,13 @@ The README's field table lists what is honoured, accepted and refused.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from predictor.engine.sampling_params import MAX_STOP_TOKEN_IDS
+from predictor.engine.sampling_params import MAX_STOP_TOKEN_IDS, TokenId
 from predictor.engine.structured_output import ANY_JSON_OBJECT
 
 MAX_CHOICES = 16
@@ -80,7 +81,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = Field(False, strict=True)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     response_format: ResponseFormat | None = None
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
@@ -119,6 +120,10 @@ class SamplingFields(BaseModel):
     def top_logprobs_wanted(self) -> int | None:
         return None
 
+    def engine_names(self) -> dict[str, str]:
+        """This request's name for each engine parameter whose name differs, so that errors name OpenAI's field."""
+        return {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "structured_output": "response_format"}
+
     def sampling(self, choice: int) -> dict:
         """Engine parameters of the choice-th of n samples (each gets its own seed so they differ)."""
         return {
@@ -132,11 +137,16 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(
         description="Text, texts, token ids, or lists of token ids."
     )
     echo: bool = Field(False, strict=True)
     logprobs: int | None = Field(None, ge=0, le=5)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _integer_token_ids(cls, prompt):
+        return integer_token_ids(prompt)
 
     @model_validator(mode="after")
     def _echo_without_logprobs(self):
@@ -190,3 +200,19 @@ class ChatCompletionRequest(SamplingFields):
 
     def top_logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def engine_names(self) -> dict[str, str]:
+        given = "max_completion_tokens" if "max_completion_tokens" in self.model_fields_set else "max_tokens"
+        return {**super().engine_names(), "max_new_tokens": given}
+
+
+def integer_token_ids(value):
+    """Refuse, by name, token ids given as JSON true or 1.0, which pydantic's lax mode would take as id 1 (the
+    strict TokenId type refuses them too, but in a union its message would be about strings)."""
+    if isinstance(value, list):
+        for item in value:
+            for token in item if isinstance(item, list) else [item]:
+                if isinstance(token, (bool, float)):
+                    raise PydanticCustomError("token_id", "token ids must be integers, not {token}",
+                                              {"token": json.dumps(token)})
+    return value

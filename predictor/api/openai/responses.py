@@ -24,8 +24,8 @@ from openai.types.completion_choice import Logprobs
 from openai.types.completion_usage import PromptTokensDetails
 
 from predictor.api.errors import INTERNAL_ERROR, error_body
-from predictor.api.service import GenerationFailed
-from predictor.engine import Delta, Finished, TokenLogprob
+from predictor.api.service import GenerationFailed, failure
+from predictor.engine import Delta, EngineUnavailable, Finished, TokenLogprob
 from predictor.engine.detokenizer import TokenTexts
 
 Events = AsyncIterator[tuple[int, Delta | Finished]]
@@ -80,13 +80,16 @@ class ResponseBuilder:
             except GenerationFailed:
                 yield error_body(500, INTERNAL_ERROR)
                 return
+            except EngineUnavailable as err:  # the shutdown's grace period ended it
+                yield error_body(503, str(err))
+                return
             yield self.final_chunk(index, reason)
         if self.include_usage:
             yield self.usage_chunk()
 
     def _finish(self, index: int, event: Finished) -> str:
         if event.finish_reason == "error":
-            raise GenerationFailed(f"generation failed: {event.error}")
+            raise failure(event)
         if index % self.n == 0:  # n choices of one prompt count its tokens once
             self.prompt_tokens += event.prompt_tokens
             self.cached_tokens += event.cached_tokens

@@ -77,9 +77,13 @@ async def _prompt_ids(service: GenerationService, prompt: str | list[int], field
 
 async def _respond(body: SamplingFields, service: GenerationService,
                    prompt_ids: list[list[int]], responses: ResponseBuilder):
-    jobs = [(ids, service.sampling_params(body.sampling(j), len(ids))) for ids in prompt_ids for j in range(body.n)]
-    await service.prepare(jobs[0][1], "response_format")  # every choice has the same response_format
-    streams = service.start_all(jobs, "n" if body.n > 1 else "prompt")  # every choice queued, or none
+    try:
+        jobs = [(ids, service.sampling_params(body.sampling(j), len(ids))) for ids in prompt_ids
+                for j in range(body.n)]
+        await service.prepare(jobs[0][1], "response_format")  # every choice has the same response_format
+        streams = service.start_all(jobs, "n" if body.n > 1 else "prompt")  # every choice queued, or none
+    except InvalidRequest as err:  # in OpenAI's words: max_tokens, not the engine's max_new_tokens
+        raise err.renamed(body.engine_names()) from None
     events = _merged(streams)
     if body.stream:
         return StreamingResponse(_sse(responses.chunks(events)), media_type="text/event-stream", headers=STREAM_HEADERS)
