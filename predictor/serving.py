@@ -19,6 +19,7 @@ from predictor.api import app
 from predictor.api.chat_templates import resolve_chat_template
 from predictor.api.kserve_model import KServeModel
 from predictor.api.service import GenerationService, ModelShape
+from predictor.api.transport import LimitedModelServer, Limits
 from predictor.config import Settings
 from predictor.engine import Engine
 from predictor.engine.core import EngineCore
@@ -116,8 +117,9 @@ def serve(settings: Settings, rank: Rank | None) -> int:
         return build_service(settings, loaded_holder[0])
 
     model = KServeModel(settings.served_model_name, build)
-    server = kserve.ModelServer(
-        http_port=settings.http_port, grpc_port=settings.grpc_port, enable_grpc=settings.enable_grpc, workers=1
+    server = LimitedModelServer(
+        Limits.from_settings(settings), http_port=settings.http_port, grpc_port=settings.grpc_port,
+        enable_grpc=settings.enable_grpc, workers=1,
     )
     app.install(kserve.model_server.app, model, api_key=settings.resolved_api_key,
                 max_request_bytes=settings.max_request_bytes, enable_shutdown=settings.enable_shutdown,
