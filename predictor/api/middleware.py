@@ -46,19 +46,25 @@ class BufferedBody:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in BODILESS or PROBES.match(scope["path"]):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["method"] in BODILESS or PROBES.match(scope["path"]):
+            try:
+                _check_version(scope)
+            except BodyRefused as refusal:
+                return await _refused(scope, receive, send, refusal)
             return await self.app(scope, receive, send)  # nothing reads the body: a POST to a probe is a 405
         body = await self._read(scope, receive, send)
         if body is None:
             return
         try:
-            _check_request(scope, body)
-            headers = dict(scope["headers"])
-            if body and json_bodies.is_json(headers.get(b"content-type", b"").decode("latin-1")):
+            _check_version(scope)
+            _check_binary_length(scope, body)
+            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            if body and json_bodies.is_json(content_type):
                 scope[PARSED_BODY] = await json_bodies.parse(body)
         except BodyRefused as refusal:
-            response = error_response(scope["path"], 400, refusal.message, refusal.param)
-            return await response(scope, receive, send)
+            return await _refused(scope, receive, send, refusal)
         await self._run(scope, receive, send, body)
 
     async def _read(self, scope, receive, send) -> bytes | None:
@@ -115,12 +121,19 @@ class BufferedBody:
             watcher.cancel()
 
 
-def _check_request(scope, body: bytes) -> None:
-    """BodyRefused for what no route accepts, whatever its body: KServe's model_version (one model is served,
-    unversioned) and a binary-extension JSON length that is not a length within the body."""
+async def _refused(scope, receive, send, refusal: BodyRefused) -> None:
+    await error_response(scope["path"], 400, refusal.message, refusal.param)(scope, receive, send)
+
+
+def _check_version(scope) -> None:
+    """KServe's model_version is refused on every route: one model is served, unversioned."""
     if VERSIONED_V2.match(scope["path"]) or b"model_version=" in scope.get("query_string", b""):
         raise BodyRefused("model_version: this server serves one model, unversioned; leave model_version out",
                           "model_version")
+
+
+def _check_binary_length(scope, body: bytes) -> None:
+    """KServe's binary extension: the JSON's length, then tensors; a length that is not one within the body."""
     declared = dict(scope["headers"]).get(V2_JSON_LENGTH)
     if declared is not None and not (declared.isdigit() and int(declared) <= len(body)):
         name = V2_JSON_LENGTH.decode()
