@@ -245,7 +245,7 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
 
 class LimitedModelServer(kserve.ModelServer):
     """KServe's ModelServer, its uvicorn server running the limited protocol. KServe builds the uvicorn Config when
-    it starts (kserve 0.16's RESTServer); _serve is the first moment it exists and nothing has read it yet."""
+    it starts (kserve 0.21's RESTServer); _serve is the first moment it exists and nothing has read it yet."""
 
     def __init__(self, limits: Limits, **kwargs) -> None:
         super().__init__(timeout_keep_alive=limits.keep_alive_timeout, **kwargs)
