@@ -78,6 +78,27 @@ class Settings(BaseSettings):
         32 * 2**10, ge=64, description="Structured output: larger JSON schemas (serialized) are refused with 400; "
         "compiling one costs more than its size (up to seconds at the default)."
     )
+    max_header_bytes: int = Field(
+        64 * 2**10, ge=1024, description="A request line and headers larger than this are refused with 431 before "
+        "more is read."
+    )
+    max_headers: int = Field(100, ge=8, description="Requests with more header lines are refused with 431.")
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a connection has to send a request's line and headers (from when it opens "
+        "or the request's first byte); then 408 and the connection is closed."
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="Seconds a request has to send its whole body after its headers; then 408 and the "
+        "connection is closed."
+    )
+    keep_alive_timeout: float = Field(
+        65.0, gt=0, description="Seconds an idle keep-alive connection is kept between requests (KServe's default, "
+        "above the usual load balancers' 60 s)."
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="Open HTTP connections beyond this are answered 503 and closed at once (lowered to "
+        "what the open-file limit allows)."
+    )
     api_key: SecretStr | None = Field(
         None, description="If set, every route but the probes requires 'Bearer <key>'. Prefer the environment "
         "(PREDICTOR_API_KEY) or api_key_file: a command line is readable by every local user."

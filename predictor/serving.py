@@ -21,6 +21,7 @@ from predictor.api.chat_templates import resolve_chat_template
 from predictor.api.kserve_model import KServeModel
 from predictor.api.model_server import ModelServer
 from predictor.api.service import GenerationService, ModelShape
+from predictor.api.transport import Limits
 from predictor.config import Settings
 from predictor.engine import Engine
 from predictor.engine.core import EngineCore
@@ -141,8 +142,8 @@ def serve(settings: Settings, rank: Rank | None) -> int:
         return build_service(settings, loaded_holder[0])
 
     model = KServeModel(settings.served_model_name, build)
-    server = ModelServer(model, host=settings.host, http_port=settings.http_port, grpc_port=settings.grpc_port,
-                         enable_grpc=settings.enable_grpc)
+    server = ModelServer(model, Limits.from_settings(settings), host=settings.host, http_port=settings.http_port,
+                         grpc_port=settings.grpc_port, enable_grpc=settings.enable_grpc)
     app.install(kserve.model_server.app, model, api_key=settings.resolved_api_key,
                 max_request_bytes=settings.max_request_bytes, enable_shutdown=settings.enable_shutdown,
                 enable_model_repository=settings.enable_model_repository, log_requests=settings.log_requests,

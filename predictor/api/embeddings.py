@@ -12,11 +12,12 @@ import struct
 from typing import Literal
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.create_embedding_response import Usage
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from predictor.api.json_bodies import ParsedBodyRoute, json_response
 from predictor.api.openai.protocol import integer_token_ids
 from predictor.api.service import GenerationService, ServedModel
 from predictor.engine import InvalidRequest
@@ -60,12 +61,12 @@ class TextEmbeddingRequest(BaseModel):
 
 
 def embeddings_router(served: ServedModel) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=ParsedBodyRoute)
     ready = served.ready
 
     @router.post("/openai/v1/embeddings", responses={200: {"model": EmbeddingsResponse}})
     @router.post("/v1/embeddings", responses={200: {"model": EmbeddingsResponse}}, include_in_schema=False)
-    async def create_embeddings(body: EmbeddingRequest) -> JSONResponse:
+    async def create_embeddings(body: EmbeddingRequest) -> Response:
         service = ready()
         served.check(body.model)
         shape = service.shape
@@ -73,17 +74,21 @@ def embeddings_router(served: ServedModel) -> APIRouter:
             raise InvalidRequest("dimensions", f"must be this model's hidden size ({shape.hidden_size}) or left out")
         inputs = await _token_lists(service, body.input, shape.vocab_size)
         vectors = await _embed_all(service, inputs, "input")
-        response = CreateEmbeddingResponse(
-            object="list",
-            model=served.name,
-            data=[Embedding(object="embedding", index=i, embedding=v) for i, v in enumerate(vectors)],
-            usage=Usage(prompt_tokens=sum(map(len, inputs)), total_tokens=sum(map(len, inputs))),
-        )
-        payload = response.model_dump()
-        if body.encoding_format == "base64":
-            for item in payload["data"]:
-                item["embedding"] = _base64_floats(item["embedding"])
-        return JSONResponse(payload)
+
+        def payload() -> dict:
+            response = CreateEmbeddingResponse(
+                object="list",
+                model=served.name,
+                data=[Embedding(object="embedding", index=i, embedding=v) for i, v in enumerate(vectors)],
+                usage=Usage(prompt_tokens=sum(map(len, inputs)), total_tokens=sum(map(len, inputs))),
+            )
+            built = response.model_dump()
+            if body.encoding_format == "base64":
+                for item in built["data"]:
+                    item["embedding"] = _base64_floats(item["embedding"])
+            return built
+
+        return await json_response(payload)
 
     @router.post("/embeddings", response_model=list[float])
     async def text_embedding(body: TextEmbeddingRequest) -> list[float]:

@@ -1,11 +1,13 @@
 """ASGI middleware around every route (pure ASGI, so streamed responses pass through untouched):
 
-- BufferedBody reads the whole body first (413 past max_request_bytes, 400 for a string that is not valid
-  Unicode or a V2 model_version), then runs the route and cancels it the moment its client goes away: a
-  generation, streamed or not, on any route, stops and frees its KV cache.
+- BufferedBody reads the whole body of a request that can have one (413 past max_request_bytes) and parses a JSON
+  one (json_bodies: off the event loop when large; 400 naming the field for a string that is not valid Unicode,
+  for nesting too deep, for KServe's model_version and a bad binary-extension header), then runs the route and
+  cancels it the moment its client goes away: a generation, streamed or not, on any route, stops and frees its
+  KV cache. Probes and GET routes are passed on without their body being read.
 - InternalErrors turns an unexpected exception into one logged traceback and a 500 without internals.
-- AccessLog counts every request by route and status (499 when the client left first) and logs one line for
-  each, probes and /metrics only with --log_requests.
+- AccessLog counts every request by route and status (499 when the client left first, 408 when it was too slow
+  to send its body) and logs one line for each, probes and /metrics only with --log_requests.
 - RequireKey, with --api_key, asks every route but the probes for the key.
 """
 
@@ -13,21 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import re
 import time
 
 from predictor import metrics
+from predictor.api import json_bodies
 from predictor.api.errors import INTERNAL_ERROR, error_response
+from predictor.api.json_bodies import PARSED_BODY, BodyRefused
 
 logger = logging.getLogger("predictor.access")
 errors_logger = logging.getLogger("predictor.api")
 
 DISCONNECTED = "predictor.disconnected"  # set in the scope when the client left before the response ended
+TIMED_OUT = "predictor.timed_out"  # set by the transport when the body did not arrive within --body_timeout
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it
-ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+REQUEST_TIMEOUT = 408
+BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 VERSIONED_V2 = re.compile(r"^/v2/models/[^/]+/versions/")
+V2_JSON_LENGTH = b"inference-header-content-length"  # KServe's binary extension: the JSON's length, then tensors
 PROBE_PATHS = (r"$|health$|healthz$|metrics$|version$|v2/health/|v2/?$|v1/models/[^/:]+$|"
                r"v2/models/[^/]+(/ready)?$")
 PROBES = re.compile(rf"^/({PROBE_PATHS})")
@@ -42,13 +48,23 @@ class BufferedBody:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] in BODILESS or PROBES.match(scope["path"]):
+            try:
+                _check_version(scope)
+            except BodyRefused as refusal:
+                return await _refused(scope, receive, send, refusal)
+            return await self.app(scope, receive, send)  # nothing reads the body: a POST to a probe is a 405
         body = await self._read(scope, receive, send)
         if body is None:
             return
-        refusal = _refusal(scope, body)
-        if refusal is not None:
-            message, param = refusal
-            return await error_response(scope["path"], 400, message, param)(scope, receive, send)
+        try:
+            _check_version(scope)
+            _check_binary_length(scope, body)
+            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            if body and json_bodies.is_json(content_type):
+                scope[PARSED_BODY] = await json_bodies.parse(body)
+        except BodyRefused as refusal:
+            return await _refused(scope, receive, send, refusal)
         await self._run(scope, receive, send, body)
 
     async def _read(self, scope, receive, send) -> bytes | None:
@@ -105,38 +121,24 @@ class BufferedBody:
             watcher.cancel()
 
 
-def _refusal(scope, body: bytes) -> tuple[str, str] | None:
-    """(message, param) for what no route accepts; None if the request may go on."""
+async def _refused(scope, receive, send, refusal: BodyRefused) -> None:
+    await error_response(scope["path"], 400, refusal.message, refusal.param)(scope, receive, send)
+
+
+def _check_version(scope) -> None:
+    """KServe's model_version is refused on every route: one model is served, unversioned."""
     if VERSIONED_V2.match(scope["path"]) or b"model_version=" in scope.get("query_string", b""):
-        return "model_version: this server serves one model, unversioned; leave model_version out", "model_version"
-    if ESCAPED_SURROGATE.search(body):
-        try:
-            where = _lone_surrogate(json.loads(body), "")
-        except ValueError:
-            return None  # not JSON: the route says so
-        if where is not None:
-            field = where or "body"
-            return f"{field}: not valid Unicode (a lone UTF-16 surrogate); send text as UTF-8", field
-    return None
+        raise BodyRefused("model_version: this server serves one model, unversioned; leave model_version out",
+                          "model_version")
 
 
-def _lone_surrogate(value, path: str) -> str | None:
-    """The path of the first string (or key) holding a lone surrogate, e.g. 'messages.0.content'."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        inner = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and _lone_surrogate(key, inner) is not None:
-            return inner
-        found = _lone_surrogate(item, inner)
-        if found is not None:
-            return found
-    return None
+def _check_binary_length(scope, body: bytes) -> None:
+    """KServe's binary extension: the JSON's length, then tensors; a length that is not one within the body."""
+    declared = dict(scope["headers"]).get(V2_JSON_LENGTH)
+    if declared is not None and not (declared.isdigit() and int(declared) <= len(body)):
+        name = V2_JSON_LENGTH.decode()
+        raise BodyRefused(f"{name}: must be the length in bytes of the JSON that starts the body, a whole number "
+                          f"from 0 to {len(body)}; got {declared[:40].decode('latin-1')!r}", name)
 
 
 class InternalErrors:
@@ -181,7 +183,9 @@ class AccessLog:
         try:
             await self.app(scope, receive, tracked)
         finally:
-            if scope.get(DISCONNECTED):  # before the response ended, even if its head (a stream's 200) was sent
+            if scope.get(TIMED_OUT):
+                status = REQUEST_TIMEOUT
+            elif scope.get(DISCONNECTED):  # before the response ended, even if its head (a stream's 200) was sent
                 status = CLIENT_CLOSED_REQUEST
             elif status is None:
                 status = 500

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.background import BackgroundTask
 
+from predictor.api.json_bodies import ParsedBodyRoute
 from predictor.api.service import GenerationService, ServedModel, failure, usage
 from predictor.engine import Delta, EngineUnavailable, GenerationStream, InvalidRequest
 
@@ -103,7 +104,7 @@ class CountTokenRequest(BaseModel):
 
 
 def worker_router(served: ServedModel) -> APIRouter:
-    router = APIRouter(tags=["FastChat worker"])
+    router = APIRouter(tags=["FastChat worker"], route_class=ParsedBodyRoute)
     ready = served.ready
 
     async def start(body: WorkerGenerateRequest) -> tuple[GenerationStream, str]:

@@ -265,12 +265,13 @@ def test_bad_chat_requests_are_400_naming_the_field(server, body, field):
     assert field in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("raw", [b'{"model": "tiny", "prompt": ', b'{"model": "tiny", "prompt": "\xff\xfe"}', b"\x00"])
-def test_malformed_and_non_utf8_bodies_are_400(server, raw):
+@pytest.mark.parametrize("raw, param", [(b'{"model": "tiny", "prompt": ', "body"), (b"\x00", "body"),
+                                        (b'{"model": "tiny", "prompt": "\xff\xfe"}', "prompt")])
+def test_malformed_and_non_utf8_bodies_are_400(server, raw, param):
     response = httpx.post(f"{server.url}/openai/v1/completions", content=raw,
                           headers={"content-type": "application/json"}, timeout=30)
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == "body"
+    assert response.json()["error"]["param"] == param
 
 
 def test_oversize_body_is_413_declared_or_chunked(server):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter
 
 from predictor.api.dialogs import SPECIAL_TAGS_ERROR, SpecialTagsNotAllowed
+from predictor.api.json_bodies import ParsedBodyRoute
 from predictor.api.kaito.protocol import (
     FALCON_NO_OP_ONLY,
     ChatRequest,
@@ -32,7 +33,7 @@ from predictor.engine import InvalidRequest, SamplingParams
 
 
 def kaito_router(served: ServedModel) -> APIRouter:
-    router = APIRouter(tags=["kaito"])
+    router = APIRouter(tags=["kaito"], route_class=ParsedBodyRoute)
 
     @router.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest) -> GenerateResponse:

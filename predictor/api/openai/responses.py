@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from openai.types import Completion, CompletionChoice, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
@@ -52,7 +52,8 @@ class ResponseBuilder:
         self.generated: dict[int, int] = defaultdict(int)  # per choice, so far
         self._skeleton: dict | None = None  # a chunk with no choices, as the openai type serialises it
 
-    async def collect(self, events: Events):
+    async def collect(self, events: Events) -> Callable[[], Completion | ChatCompletion]:
+        """Every choice's events; what builds the whole answer from them (json_response runs it off the loop)."""
         texts: dict[int, list[str]] = defaultdict(list)
         logprobs: dict[int, list[tuple[TokenLogprob, str]]] = defaultdict(list)
         reasons: dict[int, str] = {}
@@ -63,7 +64,7 @@ class ResponseBuilder:
                     logprobs[index].extend(zip(event.logprobs, event.token_texts))
             else:
                 reasons[index] = self._finish(index, event)
-        return self.response({i: "".join(texts[i]) for i in reasons}, logprobs, reasons)
+        return lambda: self.response({i: "".join(texts[i]) for i in reasons}, logprobs, reasons)
 
     async def chunks(self, events: Events):
         for chunk in self.opening_chunks():

@@ -13,6 +13,7 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel
 
+from predictor.api.json_bodies import ParsedBodyRoute, json_response
 from predictor.api.openai.protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, SamplingFields
 from predictor.api.openai.responses import ChatResponses, CompletionResponses, ResponseBuilder
 from predictor.api.service import GenerationService, ServedModel
@@ -22,7 +23,7 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def completions_router(served: ServedModel) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=ParsedBodyRoute)
     model_name = served.name
 
     def checked(body: SamplingFields) -> GenerationService:
@@ -87,7 +88,7 @@ async def _respond(body: SamplingFields, service: GenerationService,
     events = _merged(streams)
     if body.stream:
         return StreamingResponse(_sse(responses.chunks(events)), media_type="text/event-stream", headers=STREAM_HEADERS)
-    return await responses.collect(events)
+    return await json_response(await responses.collect(events))
 
 
 async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Delta | Finished]]:
