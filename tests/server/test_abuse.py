@@ -22,7 +22,7 @@ from servers import start
 
 MAX_CONNECTIONS = 24
 HEADER_TIMEOUT_S = 1
-BODY_TIMEOUT_S = 5
+BODY_TIMEOUT_S = 20  # 16 bodies of 4 MiB at once must arrive within it on a loaded 2-core machine
 PROBE = b"GET /v2/health/ready HTTP/1.1\r\nHost: test\r\n\r\n"
 
 
@@ -135,38 +135,12 @@ def test_a_body_that_never_ends_is_cut_off_at_the_body_timeout(guarded):
     sock.sendall(b"POST /openai/v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                  b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n")  # and never the last chunk
     answer = read_until_closed(sock)
-    assert status(answer) == 408 and b"body_timeout (5 s)" in answer, answer
+    assert status(answer) == 408 and f"body_timeout ({BODY_TIMEOUT_S} s)".encode() in answer, answer
     deadline = time.monotonic() + 10
     while "POST /openai/v1/completions 408" not in guarded.output():  # logged, and counted, as a 408
         assert time.monotonic() < deadline, "no access line for the 408"
         time.sleep(0.1)
     assert alive(guarded)
-
-
-def test_connections_past_max_connections_are_refused_and_logged_once(guarded):
-    held = []
-    try:
-        for _ in range(MAX_CONNECTIONS):  # each answered once, then idle in keep-alive (60 s here)
-            sock = connect(guarded)
-            sock.sendall(PROBE)
-            assert status(read_response(sock)) == 200
-            held.append(sock)
-        for _ in range(3):
-            answer = read_until_closed(connect(guarded))
-            assert status(answer) == 503 and b"max_connections (24)" in answer, answer
-    finally:
-        for sock in held:
-            sock.close()
-    deadline = time.monotonic() + 10
-    while True:  # the server takes connections again once it has seen those close
-        try:
-            if alive(guarded):
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server took no connection after the others closed"
-        time.sleep(0.1)
-    assert guarded.output().count("--max_connections (24) are open") == 1
 
 
 # ---- bodies: probes never read them, large ones are parsed off the event loop ----------------------------------
@@ -372,3 +346,31 @@ def test_accept_failing_for_want_of_file_descriptors_is_one_line_a_minute(caplog
     lines = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
     assert len(lines) == 1 and "Too many open files" in lines[0].getMessage()
     assert all(r.exc_info is None for r in caplog.records)
+
+
+# Last in the module: the server counts the held connections as open until it has seen each close, and a test
+# after this one could find the cap still reached.
+def test_connections_past_max_connections_are_refused_and_logged_once(guarded):
+    held = []
+    try:
+        for _ in range(MAX_CONNECTIONS):  # each answered once, then idle in keep-alive (60 s here)
+            sock = connect(guarded)
+            sock.sendall(PROBE)
+            assert status(read_response(sock)) == 200
+            held.append(sock)
+        for _ in range(3):
+            answer = read_until_closed(connect(guarded))
+            assert status(answer) == 503 and b"max_connections (24)" in answer, answer
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # the server takes connections again once it has seen those close
+        try:
+            if alive(guarded):
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server took no connection after the others closed"
+        time.sleep(0.1)
+    assert guarded.output().count("--max_connections (24) are open") == 1
