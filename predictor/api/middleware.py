@@ -28,7 +28,7 @@ DISCONNECTED = "predictor.disconnected"  # set in the scope when the client left
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it
 ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 VERSIONED_V2 = re.compile(r"^/v2/models/[^/]+/versions/")
-PROBE_PATHS = (r"$|health$|healthz$|metrics$|version$|v2/health/|v2/?$|v1/models/[^/:]+$|"
+PROBE_PATHS = (r"$|health$|openai/health$|healthz$|metrics$|version$|v2/health/|v2/?$|v1/models/[^/:]+$|"
                r"v2/models/[^/]+(/ready)?$")
 PROBES = re.compile(rf"^/({PROBE_PATHS})")
 OPEN_PATHS = re.compile(rf"^/({PROBE_PATHS}|openapi\.json$)")  # what needs no API key
