@@ -93,6 +93,8 @@ def _sampling_params(service: GenerationService, body: ResponsesRequest, prompt_
     response_format = body.response_format()
     schema = response_format and response_format.json_schema_wanted()
     wanted = {"max_new_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p,
+              "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos, "top_k": body.top_k,
+              "repetition_penalty": body.repetition_penalty,
               "structured_output": {"json_schema": schema} if schema else None}
     return service.sampling_params(wanted, prompt_len)
 

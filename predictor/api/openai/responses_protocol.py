@@ -1,17 +1,19 @@
 """The request body of OpenAI's Responses API (POST /openai/v1/responses), as far as a stateless text server can
 honour it. Every field is honoured, accepted or refused by name, as on the other OpenAI routes: what is not
 declared here is refused by extra="forbid"; what needs tools, stored responses, background jobs, reasoning or
-non-text input is declared only to refuse it with the reason. The README's Responses table lists them.
+non-text input is declared only to refuse it with the reason. vLLM's sampling extras that benchmark clients send
+(guidellm: ignore_eos, stop) are honoured as vLLM does. The README's Responses table lists them.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from predictor.api.openai.protocol import JsonSchema, ResponseFormat
+from predictor.engine.sampling_params import RepetitionPenalty, Seed, TopK
 
 NOT_STORED = "this server stores no responses: send the whole conversation as input"
 REFUSED = {
@@ -27,6 +29,13 @@ REFUSED = {
     "top_logprobs": "log-probabilities are not served on the Responses API (the chat route has logprobs)",
 }
 ROLES_AS_CHAT = {"developer": "system"}  # the chat template knows system, user and assistant
+
+
+def text_or(items: Any, name: str) -> Any:
+    """A string or a list of items, told apart by type, so that an error names the branch that was meant (a bad
+    part of a list is reported as such, not as "should be a valid string")."""
+    return Annotated[Annotated[str, Tag("text")] | Annotated[items, Tag(name)],
+                     Discriminator(lambda value: "text" if isinstance(value, str) else name)]
 
 
 class InputText(BaseModel):
@@ -52,7 +61,7 @@ class InputMessage(BaseModel):
 
     type: Literal["message"] | None = None
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[Annotated[InputText | OutputText, Field(discriminator="type")]]
+    content: text_or(list[Annotated[InputText | OutputText, Field(discriminator="type")]], "parts")
     id: str | None = Field(None, description="Accepted (an earlier output item's); not used.")
     status: Literal["in_progress", "completed", "incomplete"] | None = Field(None, description="Accepted; not used.")
 
@@ -99,7 +108,8 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    input: str | list[InputMessage] = Field(description="A user message's text, or the conversation's messages.")
+    input: text_or(list[InputMessage], "messages") = Field(
+        description="A user message's text, or the conversation's messages.")
     instructions: str | None = Field(None, description="A system message before the input.")
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -115,6 +125,11 @@ class ResponsesRequest(BaseModel):
     truncation: Literal["disabled"] | None = Field(None, description='Only "disabled": a prompt longer than the '
                                                                      "context is a 400.")
     parallel_tool_calls: bool | None = Field(None, description="Accepted; no tools are ever called.")
+    seed: Seed | None = Field(None, description="vLLM's: a sampled answer is reproducible.")
+    stop: str | list[str] | None = Field(None, description="vLLM's: stop strings.")
+    ignore_eos: bool = Field(False, strict=True, description="vLLM's: generate max_output_tokens, EOS or not.")
+    top_k: TopK | None = Field(None, description="vLLM's: 0 is off.")
+    repetition_penalty: RepetitionPenalty | None = Field(None, description="vLLM's.")
     previous_response_id: Any = Field(None, description="Refused: " + NOT_STORED)
     conversation: Any = Field(None, description="Refused: " + NOT_STORED)
     background: bool | None = Field(None, description="Refused when true.")
