@@ -21,6 +21,7 @@ import xgrammar as xgr
 
 HORIZON = 256  # look for a way to finish only this many tokens from the budget's end, and no longer a way
 MARGIN = 4  # tokens to spare when closing begins: one token (a quote, a brace) can lengthen the way before the next
+RETRY_AFTER = 8  # tokens to wait after finding no way within HORIZON bytes (looking took the longest then)
 OUTSIDE_STRINGS = ["}", "]", ",", '"', "0", "n", "f", "t", "[", "{", "-"]
 PRINTABLE = [chr(c) for c in range(0x20, 0x7F)]
 QUOTE, BACKSLASH = 0x22, 0x5C
@@ -96,15 +97,18 @@ class Closing:
         self.left = max_tokens
         self.state = StringState()
         self.way: bytes | None = None  # what is left of the way to finish, once closing
+        self._look_from = HORIZON  # look for a way once left is at most this
         self._decided = False
 
     def decide(self, matcher: xgr.GrammarMatcher) -> None:
         if self._decided:
             return
         self._decided = True
-        if self.way is None and self.left <= HORIZON:
+        if self.way is None and self.left <= self._look_from:
             way = way_to_finish(matcher, self.state)
-            if way is not None and self.left <= len(way) + 1 + MARGIN:  # + 1: the stop token
+            if way is None:
+                self._look_from = self.left - RETRY_AFTER
+            elif self.left <= len(way) + 1 + MARGIN:  # + 1: the stop token
                 self.way = way
 
     def allowed(self) -> list[int] | None:
