@@ -9,8 +9,9 @@ piece of that way stay allowed, and the JSON ends, complete, within the budget.
 The way to finish is found on a fork of the sequence's grammar matcher, a character at a time: the text the
 grammar forces (a required key, a separator), else the first character the grammar accepts of: a closing quote
 inside a string; outside one `}`, `]`, `,`, then the shortest values (`""`, `0`, `null`, `false`, `true`, `[`,
-`{`), then any printable ASCII (an enum's or pattern's first character). Each token spells at least one byte,
-so the way's length in bytes bounds the tokens it takes.
+`{`), then any printable ASCII (an enum's or pattern's first character), then a UTF-8 continuation byte (after a
+byte token that began a character). Each token spells at least one byte, so the way's length in bytes bounds
+the tokens it takes.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import xgrammar as xgr
 HORIZON = 256  # look for a way to finish only this many tokens from the budget's end, and no longer a way
 MARGIN = 4  # tokens to spare when closing begins: one token (a quote, a brace) can lengthen the way before the next
 RETRY_AFTER = 8  # tokens to wait after finding no way within HORIZON bytes (looking took the longest then)
-OUTSIDE_STRINGS = ["}", "]", ",", '"', "0", "n", "f", "t", "[", "{", "-"]
-PRINTABLE = [chr(c) for c in range(0x20, 0x7F)]
+OUTSIDE_STRINGS = [c.encode() for c in ("}", "]", ",", '"', "0", "n", "f", "t", "[", "{", "-")]
+IN_STRINGS = [b'"']
+# Then any printable ASCII, then a UTF-8 continuation byte (to finish a character a byte token began).
+ANY_CHARACTER = [bytes([b]) for b in (*range(0x20, 0x7F), *range(0x80, 0xC0))]
 QUOTE, BACKSLASH = 0x22, 0x5C
 
 
@@ -53,17 +56,16 @@ def way_to_finish(matcher: xgr.GrammarMatcher, state: StringState, limit: int = 
     while not fork.is_completed():
         if len(text) > limit:
             return None
-        step = fork.find_jump_forward_string()
+        step = fork.find_jump_forward_string().encode()
         if step:
             fork.accept_string(step)
         else:
-            firsts = ['"'] if state.in_string else OUTSIDE_STRINGS
-            step = next((c for c in firsts + PRINTABLE if fork.accept_string(c)), None)
+            firsts = IN_STRINGS if state.in_string else OUTSIDE_STRINGS
+            step = next((c for c in firsts + ANY_CHARACTER if fork.accept_string(c)), None)
             if step is None:
                 return None
-        spelled = step.encode()
-        state.feed(spelled)
-        text += spelled
+        state.feed(step)
+        text += step
     return bytes(text)
 
 

@@ -246,3 +246,16 @@ def test_the_way_to_finish_completes_every_prefix_into_valid_json(schema, docume
         way = way_to_finish(matcher, state)
         jsonschema.validate(json.loads(full[:end] + way.decode()), schema)
         assert not matcher.is_completed() or way == b""  # the matcher itself is untouched
+
+
+def test_the_way_to_finish_completes_a_character_a_byte_token_began():
+    """Byte-fallback tokens spell a character a byte at a time; a way found between them finishes it first."""
+    tokenizer = xgr.TokenizerInfo(VOCAB, stop_token_ids=[EOS])
+    compiled = xgr.GrammarCompiler(tokenizer).compile_json_schema(json.dumps(ANSWER), any_whitespace=False)
+    for begun in (b"\xf3", b"\xf3\x8c", b"\xe2", b"\xc3"):
+        matcher, state = xgr.GrammarMatcher(compiled), StringState()
+        prefix = b'{"answer": "ab' + begun
+        assert matcher.accept_string(prefix)
+        state.feed(prefix)
+        way = way_to_finish(matcher, state)
+        jsonschema.validate(json.loads((prefix + way).decode()), ANSWER)
