@@ -103,14 +103,16 @@ def keep_only(bitmask: torch.Tensor, row: int, tokens: list[int] | None) -> None
     tokens is None or it allows none of them."""
     if not tokens:
         return
-    words = bitmask[row].tolist()
-    kept = [t for t in tokens if (words[t >> 5] >> (t & 31)) & 1]
-    if not kept:
+    words: dict[int, int] = {}
+    for token in tokens:
+        word, bit = token >> 5, token & 31
+        if (int(bitmask[row, word]) >> bit) & 1:
+            words[word] = words.get(word, 0) | 1 << bit
+    if not words:
         return
-    narrowed = [0] * len(words)
-    for token in kept:
-        narrowed[token >> 5] |= 1 << (token & 31)
-    bitmask[row] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in narrowed], dtype=bitmask.dtype)
+    bitmask[row].zero_()
+    signed = [value - (1 << 32) if value >= 1 << 31 else value for value in words.values()]
+    bitmask[row, list(words)] = torch.tensor(signed, dtype=bitmask.dtype)
 
 
 class BatchMask:

@@ -21,7 +21,7 @@ from predictor.engine.model_inputs import ModelInputs
 from predictor.engine.sampler import GRAMMAR_DEAD_END
 from predictor.engine.sampling_params import SamplingParams, StructuredOutput
 from predictor.engine.sequence import Sequence
-from predictor.engine.structured_output import ANY_JSON_OBJECT, Grammars
+from predictor.engine.structured_output import ANY_JSON_OBJECT, Grammars, keep_only
 
 from .test_core import run
 
@@ -259,3 +259,15 @@ def test_the_way_to_finish_completes_a_character_a_byte_token_began():
         state.feed(prefix)
         way = way_to_finish(matcher, state)
         jsonschema.validate(json.loads((prefix + way).decode()), ANSWER)
+
+
+def test_keep_only_narrows_a_row_to_the_tokens_it_allowed():
+    bitmask = xgr.allocate_token_bitmask(2, 100)  # every bit set: every token allowed
+    bitmask[1, 0] = 0b1010  # row 1 allows only tokens 1 and 3 of the first word
+    keep_only(bitmask, 0, [31, 63, 5, 99])  # bit 31 is an int32 word's sign bit
+    keep_only(bitmask, 1, [3, 2, 40])
+    allowed = [[t for t in range(100) if (int(bitmask[r, t >> 5]) >> (t & 31)) & 1] for r in range(2)]
+    assert allowed == [[5, 31, 63, 99], [3, 40]]
+    keep_only(bitmask, 1, [2])  # none of them allowed: the row stays as it was
+    keep_only(bitmask, 1, None)
+    assert [t for t in range(100) if (int(bitmask[1, t >> 5]) >> (t & 31)) & 1] == allowed[1]
