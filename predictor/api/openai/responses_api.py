@@ -48,7 +48,7 @@ from predictor.api.openai.routes import STREAM_HEADERS
 from predictor.api.service import GenerationFailed, GenerationService, ServedModel
 from predictor.engine import Delta, Finished, GenerationStream, InvalidRequest, SamplingParams
 
-STATUS = {"stop": "completed", "length": "incomplete"}
+STATUS = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}  # by finish_reason
 
 
 def responses_router(served: ServedModel) -> APIRouter:
@@ -126,14 +126,24 @@ class ResponseBuilder:
 
     async def collect(self, generation: GenerationStream) -> Response:
         pieces: list[str] = []
-        async for event in _events(generation):
-            if isinstance(event, Delta):
-                pieces.append(event.text)
-            else:
-                return self._finished(event, "".join(pieces))
+        try:
+            async for event in generation:
+                if isinstance(event, Delta):
+                    pieces.append(event.text)
+                else:
+                    return self._finished(event, "".join(pieces))
+        finally:
+            generation.cancel()  # a no-op once finished
         raise GenerationFailed("generation ended without a final event")
 
     async def events(self, generation: GenerationStream) -> AsyncIterator[BaseModel]:
+        try:
+            async for event in self._events(generation):
+                yield event
+        finally:
+            generation.cancel()  # the client left mid-stream; a no-op once finished
+
+    async def _events(self, generation: GenerationStream) -> AsyncIterator[BaseModel]:
         yield ResponseCreatedEvent(type="response.created", response=self.response("in_progress"),
                                    sequence_number=self._next())
         yield ResponseInProgressEvent(type="response.in_progress", response=self.response("in_progress"),
@@ -144,7 +154,7 @@ class ResponseBuilder:
         yield ResponseContentPartAddedEvent(type="response.content_part.added", part=self.output_text(""), **where,
                                             sequence_number=self._next())
         pieces: list[str] = []
-        async for event in _events(generation):
+        async for event in generation:
             if isinstance(event, Delta):
                 if event.text:
                     pieces.append(event.text)
@@ -176,14 +186,15 @@ class ResponseBuilder:
     def _finished(self, event: Finished, text: str) -> Response:
         if event.finish_reason == "error":
             raise GenerationFailed(f"generation failed: {event.error}")
-        status = STATUS.get(event.finish_reason, "completed")
+        status = STATUS[event.finish_reason]
         usage = ResponseUsage(
             input_tokens=event.prompt_tokens, output_tokens=event.completion_tokens,
             total_tokens=event.prompt_tokens + event.completion_tokens,
             input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=0),
             output_tokens_details=OutputTokensDetails(reasoning_tokens=0))
         incomplete = IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None
-        return self.response(status, [self.message(text, status)], usage=usage, incomplete_details=incomplete,
+        message = self.message(text, "completed" if status == "completed" else "incomplete")
+        return self.response(status, [message], usage=usage, incomplete_details=incomplete,
                              completed_at=time.time() if status == "completed" else None)
 
     def response(self, status: str, output: list | None = None, **fields) -> Response:
@@ -206,17 +217,6 @@ class ResponseBuilder:
 
     def _next(self) -> int:
         return next(self.sequence_numbers)
-
-
-async def _events(generation: GenerationStream) -> AsyncIterator[Delta | Finished]:
-    """The generation's events; leaving early (the client went away) cancels it."""
-    try:
-        async for event in generation:
-            yield event
-            if isinstance(event, Finished):
-                return
-    finally:
-        generation.cancel()
 
 
 async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
