@@ -285,8 +285,11 @@ def test_responses_refuse_what_needs_tools_or_state_by_name(server, client, fiel
      "input_image"),
     ({"input": "Hi", "max_output_tokens": 600}, "max_output_tokens", "max_model_len"),
     ({"input": "Hi", "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format",
-     "name"),
-], ids=["dialog", "instructions", "image", "too-long", "unnamed-schema"])
+     "name and schema"),
+    ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "reply"}}}, "text.format", "name and schema"),
+    ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "objectx"}}}},
+     "text.format", "unusable JSON schema"),
+], ids=["dialog", "instructions", "image", "too-long", "unnamed-schema", "no-schema", "bad-schema"])
 def test_responses_bad_input_is_a_400_naming_the_field(server, request_body, field, said):
     response = httpx.post(f"{server.url}/openai/v1/responses", json={"model": server.model_name, **request_body},
                           timeout=30)

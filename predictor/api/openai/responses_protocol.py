@@ -83,8 +83,9 @@ class TextFormat(BaseModel):
 
     @model_validator(mode="after")
     def _schema_with_its_type(self):
-        if (self.type == "json_schema") != (self.name is not None):
-            raise PydanticCustomError("text_format", "name is given with, and only with, type json_schema")
+        if (self.type == "json_schema") != (self.name is not None and self.json_schema is not None):
+            raise PydanticCustomError("text_format", "name and schema are given with, and only with, type "
+                                                     "json_schema")
         if self.type != "json_schema" and (self.json_schema, self.description, self.strict) != (None, None, None):
             raise PydanticCustomError("text_format", "schema, description and strict go with type json_schema")
         return self
