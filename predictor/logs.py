@@ -1,6 +1,6 @@
 """Logging for a server whose logs a cluster collects: LOG_LEVEL, text or JSON lines (--log_format), and quiet
 neighbours (no per-request lines from KServe's timing middleware or uvicorn, no tracebacks for client errors,
-no progress bars)."""
+no progress bars, no KServe notices about routes it leaves to us)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import warnings
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # KServe logs "Exception:" with a traceback for errors that are the client's; the response says it all.
 CLIENT_ERRORS = ("InvalidInput", "ModelNotFound", "ModelNotReady")
+# KServe registers no OpenAI or time-series routes of its own (their extras are not installed) and says so at
+# start-up; the OpenAI routes are ours (predictor/api/app.py logs them), so its line would only mislead.
+KSERVE_NOTICES = ("OpenAI endpoints not registered", "Time series endpoints not registered")
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,6 +40,11 @@ class DropClientErrorTracebacks(logging.Filter):
         return type(error).__name__ not in CLIENT_ERRORS
 
 
+class DropKServeNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in KSERVE_NOTICES
+
+
 def configure(log_format: str = "text", level: str | None = None) -> None:
     level = (level or os.environ.get("LOG_LEVEL", "INFO")).upper()
     formatter = {"()": JsonFormatter} if log_format == "json" else {"format": TEXT_FORMAT}
@@ -44,13 +52,14 @@ def configure(log_format: str = "text", level: str | None = None) -> None:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
-        "filters": {"client_errors": {"()": DropClientErrorTracebacks}},
+        "filters": {"client_errors": {"()": DropClientErrorTracebacks},
+                    "kserve_notices": {"()": DropKServeNotices}},
         "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "default",
                                  "filters": ["client_errors"]}},
         "root": {"handlers": ["default"], "level": level},
         "loggers": {
             # KServe configures its own handlers unless "kserve" has one: give it ours.
-            "kserve": {"handlers": ["default"], "level": level, "propagate": False},
+            "kserve": {"handlers": ["default"], "level": level, "propagate": False, "filters": ["kserve_notices"]},
             "kserve.trace": {"level": "WARNING"},  # two timing lines per request
             "uvicorn": {"handlers": ["default"], "level": level, "propagate": False},
             "uvicorn.access": {"level": "WARNING"},  # predictor.access logs one line per request instead

@@ -3,6 +3,8 @@ after ours when the server starts, so ours answer first where both match)."""
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -14,11 +16,14 @@ from predictor.api.health import health_router
 from predictor.api.kaito.routes import kaito_router
 from predictor.api.kserve_model import KServeModel
 from predictor.api.middleware import AccessLog, BufferedBody, InternalErrors, RequireKey
+from predictor.api.openai.responses_api import responses_router
 from predictor.api.openai.routes import completions_router
 from predictor.api.service import ServedModel
 from predictor.api.shutdown import Shutdown, take_signals_on_startup
 from predictor.api.worker import worker_router
 from predictor.engine import EngineError
+
+logger = logging.getLogger(__name__)
 
 
 def install(app: FastAPI, model: KServeModel, *, api_key: str | None, max_request_bytes: int,
@@ -27,10 +32,15 @@ def install(app: FastAPI, model: KServeModel, *, api_key: str | None, max_reques
     served = ServedModel(model.name, lambda: model.service, lambda: model.unloaded)
     shutdown = Shutdown(served, shutdown_timeout)
     take_signals_on_startup(app, shutdown)
-    app.include_router(health_router(served, shutdown, enable_shutdown=enable_shutdown,
-                                     enable_model_repository=enable_model_repository))
-    for router in (kaito_router, completions_router, embeddings_router, worker_router):
-        app.include_router(router(served))
+    routers = [health_router(served, shutdown, enable_shutdown=enable_shutdown,
+                             enable_model_repository=enable_model_repository),
+               *(router(served) for router in (kaito_router, completions_router, responses_router, embeddings_router,
+                                               worker_router))]
+    for router in routers:
+        app.include_router(router)
+    openai = sorted({route.path for router in routers for route in router.routes if route.path.startswith("/openai/")})
+    logger.info("serving OpenAI's API at %s (and under /v1 but for /v1/models, KServe's model list)",
+                ", ".join(openai))
     app.add_exception_handler(EngineError, _refused)
     app.add_exception_handler(ModelNotFound, _refused)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from predictor.api.json_bodies import ParsedBodyRoute, json_response
 from predictor.api.openai.protocol import integer_token_ids
-from predictor.api.service import GenerationService, ServedModel
+from predictor.api.service import GenerationService, ServedModel, check_in_vocabulary
 from predictor.engine import InvalidRequest
 
 MAX_EMBEDDING_INPUTS = 256
@@ -128,9 +128,7 @@ async def _encode_text(service: GenerationService, text: str, field: str) -> lis
 def _check_token_ids(ids: list[int], vocab_size: int, field: str, max_model_len: int) -> None:
     if not ids:
         raise InvalidRequest(field, "must not be an empty token list")
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest(field, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    check_in_vocabulary(ids, vocab_size, field)
     _check_length(ids, field, max_model_len)
 
 

@@ -1,7 +1,8 @@
 """Is the server alive, ready, stopping: the probe routes every client family expects, and graceful shutdown.
 
 - GET / answers KServe's V1 liveness ({"status": "alive"}) and Kaito's "server is running" in one body.
-- GET /health (vLLM), GET /v1/models/{name} (KServe V1), GET /v2/models/{name}/ready and /v2/health/ready
+- GET /health (vLLM; also /openai/health, where guidellm looks given the base URL http://host/openai/v1),
+  GET /v1/models/{name} (KServe V1), GET /v2/models/{name}/ready and /v2/health/ready
   (KServe V2) are 200 only when the model is loaded and the engine runs, 503 otherwise, without a log line.
 - GET /healthz (Kaito) also runs a tiny operation on the device, on a thread of its own: it never waits behind
   tokenization or grammar compilation. GET /version names the versions.
@@ -43,6 +44,7 @@ def health_router(served: ServedModel, shutdown: Shutdown, *, enable_shutdown: b
         return {"status": "alive", "message": "Server is running"}
 
     @router.get("/health", responses={503: {"description": "loading, failed or shutting down"}})
+    @router.get("/openai/health", responses={503: {"description": "loading, failed or shutting down"}})
     async def health():
         return JSONResponse({}, status_code=503 if problem() else 200)
 

@@ -34,7 +34,7 @@ REQUEST_TIMEOUT = 408
 BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 VERSIONED_V2 = re.compile(r"^/v2/models/[^/]+/versions/")
 V2_JSON_LENGTH = b"inference-header-content-length"  # KServe's binary extension: the JSON's length, then tensors
-PROBE_PATHS = (r"$|health$|healthz$|metrics$|version$|v2/health/|v2/?$|v1/models/[^/:]+$|"
+PROBE_PATHS = (r"$|health$|openai/health$|healthz$|metrics$|version$|v2/health/|v2/?$|v1/models/[^/:]+$|"
                r"v2/models/[^/]+(/ready)?$")
 PROBES = re.compile(rf"^/({PROBE_PATHS})")
 OPEN_PATHS = re.compile(rf"^/({PROBE_PATHS}|openapi\.json$)")  # what needs no API key

@@ -222,6 +222,15 @@ class ServedModel:
             raise ModelNotFound(requested, self.name)
 
 
+def check_in_vocabulary(ids: list[int], vocab_size: int, field: str) -> None:
+    """Token ids are the served tokenizer's; another's (LangChain's tiktoken cl100k ids) that happen to fall
+    inside this vocabulary cannot be told apart, those past its end can."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(field, f"token id {bad} is outside the vocabulary [0, {vocab_size}): token ids must be "
+                                    "this model's own tokenizer's (not tiktoken's cl100k_base, say); or send text")
+
+
 def first_field(err: ValidationError, default: str) -> str:
     loc = err.errors()[0]["loc"]
     return ".".join(str(p) for p in loc) or default

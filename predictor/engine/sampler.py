@@ -66,7 +66,7 @@ class Sampler:
                 output = torch.tensor(seq.output_token_ids, device=self.device)
                 counts[row].index_add_(0, output, torch.ones_like(output, dtype=counts.dtype))
         if seq.grammar is not None:
-            seq.matcher = seq.grammar.matcher(seq.output_token_ids)
+            seq.matcher = seq.grammar.matcher(seq.output_token_ids, seq.params.max_new_tokens)
 
     def release(self, seq: Sequence) -> None:
         if seq.sampler_row is not None:

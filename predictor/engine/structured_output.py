@@ -8,7 +8,8 @@ applies it to the logits in one call, so constrained and free sequences share ev
 
 JSON is written compactly (", " and ": " between items, no other whitespace): a model cannot wander into
 endless whitespace, and the output is one line. Properties the schema does not name are not generated.
-Once the JSON is complete only a stop token is allowed; accepting it ends the matcher.
+Once the JSON is complete only a stop token is allowed; accepting it ends the matcher. As a sequence's token
+budget runs out, its matcher steers it to finish the JSON in time (predictor/engine/json_closing.py).
 
 Compiling costs grow faster than the schema (1,000 optional properties: ~5 s on a CPU core; 30,000 enum values:
 ~40 s) and xgrammar has no deadline, so the schema's serialized size is bounded (max_schema_bytes).
@@ -24,6 +25,7 @@ import torch
 import xgrammar as xgr
 
 from predictor.engine.errors import InvalidRequest
+from predictor.engine.json_closing import Closing, Spellings
 
 ANY_JSON_OBJECT = {"type": "object"}
 CACHE_BYTES = 64 << 20  # compiled grammars kept for reuse; distinct schemas beyond this evict the oldest
@@ -38,6 +40,7 @@ class Grammars:
                  max_schema_bytes: int = MAX_SCHEMA_BYTES):
         self.stop_token_ids = sorted(stop_token_ids)
         self.max_schema_bytes = max_schema_bytes
+        self.spellings = Spellings(tokenizer_info)
         self._compiler = xgr.GrammarCompiler(tokenizer_info, max_threads=max_threads, cache_limit_bytes=CACHE_BYTES)
 
     @classmethod
@@ -65,40 +68,69 @@ class Grammars:
             compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
         except (RuntimeError, ValueError, TypeError) as err:  # xgrammar's refusals of a schema it cannot use
             raise InvalidRequest(field, f"unusable JSON schema: {_CPP_LOCATION.sub('', str(err)).strip()}") from None
-        return Grammar(compiled, self.stop_token_ids)
+        return Grammar(compiled, self.stop_token_ids, self.spellings)
 
 
 @dataclass(frozen=True)
 class Grammar:
-    """A compiled grammar and the tokens that end it (the model's EOS)."""
+    """A compiled grammar, the tokens that end it (the model's EOS), and what each token spells."""
 
     compiled: xgr.CompiledGrammar
     stop_token_ids: list[int]
+    spellings: Spellings
 
-    def matcher(self, tokens: list[int]) -> Matcher:
-        """A matcher that has accepted tokens, the output so far (so a preempted sequence resumes where it was)."""
-        return Matcher(self, tokens)
+    def matcher(self, tokens: list[int], max_tokens: int | None = None) -> Matcher:
+        """A matcher that has accepted tokens, the output so far (so a preempted sequence resumes where it was);
+        with max_tokens, the output's budget, it steers the output to finish within it."""
+        return Matcher(self, tokens, max_tokens)
 
 
 class Matcher:
-    """One sequence's place in its grammar."""
+    """One sequence's place in its grammar, and in its token budget."""
 
-    def __init__(self, grammar: Grammar, tokens: list[int]):
+    def __init__(self, grammar: Grammar, tokens: list[int], max_tokens: int | None = None):
         self._matcher = xgr.GrammarMatcher(grammar.compiled, override_stop_tokens=grammar.stop_token_ids)
+        self._closing = Closing(grammar.spellings, max_tokens) if max_tokens is not None else None
         for token in tokens:
-            if not self._matcher.accept_token(token):
+            if self._closing is not None:
+                self._closing.decide(self._matcher)  # as when this token was drawn
+            if not self.accept(token):
                 raise ValueError(f"token {token} of the output so far breaks its grammar")
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        if self._closing is not None:
+            self._closing.decide(self._matcher)
+            keep_only(bitmask, row, self._closing.allowed())
 
     def accept(self, token: int) -> bool:
-        return self._matcher.accept_token(token)
+        if not self._matcher.accept_token(token):
+            return False
+        if self._closing is not None:
+            self._closing.accepted(token)
+        return True
 
     @property
     def terminated(self) -> bool:
         """The output is complete and its stop token accepted: nothing more may follow."""
         return self._matcher.is_terminated()
+
+
+def keep_only(bitmask: torch.Tensor, row: int, tokens: list[int] | None) -> None:
+    """Narrow row's allowed tokens (a bit each, 32 to an int32 word) to those of tokens it allows; unchanged if
+    tokens is None or it allows none of them."""
+    if not tokens:
+        return
+    words: dict[int, int] = {}
+    for token in tokens:
+        word, bit = token >> 5, token & 31
+        if (int(bitmask[row, word]) >> bit) & 1:
+            words[word] = words.get(word, 0) | 1 << bit
+    if not words:
+        return
+    bitmask[row].zero_()
+    signed = [value - (1 << 32) if value >= 1 << 31 else value for value in words.values()]
+    bitmask[row, list(words)] = torch.tensor(signed, dtype=bitmask.dtype)
 
 
 class BatchMask:

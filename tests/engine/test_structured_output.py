@@ -16,11 +16,12 @@ import xgrammar as xgr
 
 from predictor.engine.core import EngineCore
 from predictor.engine.errors import InvalidRequest
+from predictor.engine.json_closing import StringState, way_to_finish
 from predictor.engine.model_inputs import ModelInputs
 from predictor.engine.sampler import GRAMMAR_DEAD_END
 from predictor.engine.sampling_params import SamplingParams, StructuredOutput
 from predictor.engine.sequence import Sequence
-from predictor.engine.structured_output import ANY_JSON_OBJECT, Grammars
+from predictor.engine.structured_output import ANY_JSON_OBJECT, Grammars, keep_only
 
 from .test_core import run
 
@@ -163,3 +164,110 @@ def test_a_schema_xgrammar_cannot_use_is_refused_naming_the_field(grammars):
     with pytest.raises(InvalidRequest, match=r"^response_format: unusable JSON schema: .*objectx") as err:
         grammars.compile({"type": "objectx"}, "response_format")
     assert err.value.field == "response_format" and ".cc:" not in str(err.value)
+
+
+# ---- finishing within the token budget ------------------------------------------------------------------------
+
+LETTERS = [VOCAB.index(c) for c in "abcdefghijklmnopqrstuvwxyz"]
+QUOTES = [i for i, piece in enumerate(VOCAB) if '"' in piece]
+ANSWER = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+          "additionalProperties": False}
+NESTED = {"type": "object", "properties": {"name": {"type": "string"},
+                                           "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+                                           "inner": {"type": "object", "properties": {"note": {"type": "string"}},
+                                                     "required": ["note"]},
+                                           "count": {"type": "integer"}, "color": {"enum": ["red", "green"]}},
+          "required": ["name", "tags", "inner", "count", "color"]}
+
+
+class Rambler(FakeRunner):
+    """A model that never wants to end a string: letters outscore everything, quotes score least (a lone quote,
+    to open a string, a little less so)."""
+
+    def execute(self, inputs: ModelInputs) -> torch.Tensor:
+        scores = super().execute(inputs)
+        scores[:, LETTERS] += 20.0
+        scores[:, QUOTES] -= 30.0
+        scores[:, VOCAB.index('"')] += 10.0
+        return scores
+
+
+@pytest.mark.parametrize("schema, max_new_tokens", [(ANY_JSON_OBJECT, 24), (ANY_JSON_OBJECT, 64), (ANSWER, 24),
+                                                    (ANSWER, 64), (NESTED, 100)],
+                         ids=["json_object-24", "json_object-64", "answer-24", "answer-64", "nested-100"])
+def test_a_model_that_never_closes_a_string_still_finishes_its_json_within_max_tokens(grammars, schema,
+                                                                                      max_new_tokens):
+    seqs = [request(0, PROMPTS[0], grammars, schema, max_new_tokens=max_new_tokens)]
+    seqs += [request(1 + seed, PROMPTS[1], grammars, schema, max_new_tokens=max_new_tokens, temperature=1.0,
+                     seed=seed) for seed in range(4)]
+    for tokens, reason in run(core(Rambler()), seqs).values():
+        assert reason == "stop" and len(tokens) <= max_new_tokens and tokens[-1] == EOS
+        document = json.loads(text(tokens))
+        jsonschema.validate(document, schema)
+        if schema is not ANY_JSON_OBJECT:  # where the model may end the JSON early by itself
+            assert len(tokens) > max_new_tokens - 16, "closing began long before it had to"
+
+
+def test_a_json_that_cannot_fit_its_budget_ends_at_length_and_nothing_breaks(grammars):
+    """NESTED's shortest JSON takes some 60 of these tokens."""
+    (tokens, reason), = run(core(Rambler()), [request(0, PROMPTS[0], grammars, NESTED, max_new_tokens=40)]).values()
+    assert reason == "length" and len(tokens) == 40
+
+
+def test_closing_resumes_where_it_was_after_preemption(grammars):
+    def fresh():
+        return [request(i, p, grammars, (ANSWER, ANY_JSON_OBJECT)[i % 2], max_new_tokens=20 + 4 * i, temperature=1.0,
+                        seed=i)
+                for i, p in enumerate(PROMPTS)]
+
+    roomy = run(core(Rambler(), num_blocks=200), fresh())
+    runner = Rambler()
+    tight = run(core(runner, num_blocks=1 + 12), fresh())
+    assert tight == roomy and all(reason == "stop" for _, reason in roomy.values())
+    computed = sum(len(step.token_ids) for step in runner.steps)
+    assert computed > sum(len(p) + len(roomy[i][0]) - 1 for i, p in enumerate(PROMPTS))  # some were recomputed
+
+
+DOCUMENTS = [(NESTED, {"name": 'a "q" b', "tags": ["x", "yz"], "inner": {"note": "n"}, "count": -12, "color": "green"}),
+             (ANY_JSON_OBJECT, {"a": [1, {"b": None}, "c\\d"], "e": {"f": [True, 2.5e-3]}}),
+             (REPLY, {"ok": False, "n": 7})]
+
+
+@pytest.mark.parametrize("schema, document", DOCUMENTS, ids=["nested", "json_object", "reply"])
+def test_the_way_to_finish_completes_every_prefix_into_valid_json(schema, document):
+    """From any point of a valid output, the way found completes it into JSON that matches the schema."""
+    tokenizer = xgr.TokenizerInfo(VOCAB, stop_token_ids=[EOS])
+    compiled = xgr.GrammarCompiler(tokenizer).compile_json_schema(json.dumps(schema), any_whitespace=False)
+    full = json.dumps(document, separators=(", ", ": "))
+    for end in range(len(full)):
+        matcher, state = xgr.GrammarMatcher(compiled), StringState()
+        assert matcher.accept_string(full[:end])
+        state.feed(full[:end].encode())
+        way = way_to_finish(matcher, state)
+        jsonschema.validate(json.loads(full[:end] + way.decode()), schema)
+        assert not matcher.is_completed() or way == b""  # the matcher itself is untouched
+
+
+def test_the_way_to_finish_completes_a_character_a_byte_token_began():
+    """Byte-fallback tokens spell a character a byte at a time; a way found between them finishes it first."""
+    tokenizer = xgr.TokenizerInfo(VOCAB, stop_token_ids=[EOS])
+    compiled = xgr.GrammarCompiler(tokenizer).compile_json_schema(json.dumps(ANSWER), any_whitespace=False)
+    for begun in (b"\xf3", b"\xf3\x8c", b"\xe2", b"\xc3"):
+        matcher, state = xgr.GrammarMatcher(compiled), StringState()
+        prefix = b'{"answer": "ab' + begun
+        assert matcher.accept_string(prefix)
+        state.feed(prefix)
+        way = way_to_finish(matcher, state)
+        jsonschema.validate(json.loads((prefix + way).decode()), ANSWER)
+
+
+def test_keep_only_narrows_a_row_to_the_tokens_it_allowed():
+    bitmask = xgr.allocate_token_bitmask(2, 100)  # every bit set: every token allowed
+    bitmask[1, 0] = 0b1010  # row 1 allows only tokens 1 and 3 of the first word
+    keep_only(bitmask, 0, [31, 63, 5, 99])  # bit 31 is an int32 word's sign bit
+    keep_only(bitmask, 1, [3, 2, 40])
+    allowed = [[t for t in range(100) if (int(bitmask[r, t >> 5]) >> (t & 31)) & 1] for r in range(2)]
+    assert allowed == [[5, 31, 63, 99], [3, 40]]
+    keep_only(bitmask, 1, [2])  # none of them allowed: the row stays as it was
+    keep_only(bitmask, 1, None)
+    assert [t for t in range(100) if (int(bitmask[1, t >> 5]) >> (t & 31)) & 1] == allowed[1]

@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 from predictor.api.kaito.protocol import FALCON_NO_OP_ONLY
+from predictor.api.openai.responses_protocol import REFUSED as RESPONSES_REFUSED
 
 MAX_NEW_TOKENS = 4
 FALCON_MAX_LENGTH = 24
 LENGTH_FIELDS = {"max_tokens", "max_completion_tokens", "max_new_tokens", "max_gen_len", "min_tokens",
-                 "min_new_tokens"}
+                 "min_new_tokens", "max_output_tokens"}
 FALCON_NO_OPS = {name: no_ops[0] for name, (no_ops, _) in FALCON_NO_OP_ONLY.items()}
 TOOL_CALLING = ("tools", "tool_choice", "functions", "function_call")  # documented so that they are refused by name
 
@@ -45,6 +46,10 @@ def repaired(path: str, body, vocab_size: int):
     body = _dialogs_alternate(body)
     if path.startswith("/openai/v1/"):
         body = {key: value for key, value in body.items() if key not in TOOL_CALLING}
+    if path.endswith("/responses"):  # documented so that they are refused by name
+        body = {key: value for key, value in body.items() if key not in RESPONSES_REFUSED}
+        if isinstance(body.get("input"), list):
+            body["input"] = _alternating(body["input"])
     if path.endswith("/chat/completions") and "max_tokens" in body and "max_completion_tokens" in body:
         del body["max_completion_tokens"]
     if "stream_options" in body and body.get("stream") is not True:

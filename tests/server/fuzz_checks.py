@@ -2,9 +2,10 @@
 
 - 2xx JSON and FastAPI's 422 (KServe's routes): the OpenAPI document's schema for that status (schemathesis'
   response_schema_conformance);
-- a stream: OpenAI's server-sent events (JSON chunks with choices, then [DONE]) or the worker's NUL-delimited
-  WorkerOutput objects, none of them an error (nor /worker_generate's one object, which FastChat answers as a
-  200 with an error_code);
+- a stream: OpenAI's server-sent events (JSON chunks with choices, then [DONE]; on the Responses API, named
+  events numbered in order, ending with response.completed or response.incomplete) or the worker's
+  NUL-delimited WorkerOutput objects, none of them an error (nor /worker_generate's one object, which FastChat
+  answers as a 200 with an error_code);
 - any other 4xx: our error shape, {"error": {"message", "type", "param", "code"}} on our routes and KServe's
   {"error": message} on its V1/V2 routes (predictor/api/errors.py);
 - a 5xx (a failure in itself) only ever says INTERNAL_ERROR, never an exception's class or message.
@@ -80,6 +81,8 @@ def _json_problems(case, response, status: int) -> list[str]:
 
 
 def _sse_problems(text: str) -> list[str]:
+    if text.startswith("event: "):
+        return _responses_stream_problems(text)
     events = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
     if not events or events[-1] != "[DONE]":
         return [f"a stream that does not end with [DONE]: ...{text[-200:]!r}"]
@@ -92,6 +95,23 @@ def _sse_problems(text: str) -> list[str]:
             return [f"a stream that ended in an error: {event[:300]}"]
         if not isinstance(chunk.get("choices"), list):
             return [f"a stream chunk without choices: {event[:300]}"]
+    return []
+
+
+def _responses_stream_problems(text: str) -> list[str]:
+    blocks = [block.split("\n") for block in text.split("\n\n") if block]
+    for number, block in enumerate(blocks):
+        if len(block) != 2 or not block[0].startswith("event: ") or not block[1].startswith("data: "):
+            return [f"a Responses stream event that is not one event and one data line: {block!r:.300}"]
+        try:
+            event = json.loads(block[1].removeprefix("data: "))
+        except ValueError:
+            return [f"a Responses stream event that is not JSON: {block[1][:200]!r}"]
+        if event.get("type") != block[0].removeprefix("event: ") or event.get("sequence_number") != number:
+            return [f"a Responses stream event out of place or misnamed: {block!r:.300}"]
+    last = blocks[-1][0].removeprefix("event: ") if blocks else None
+    if last not in ("response.completed", "response.incomplete"):
+        return [f"a Responses stream that does not end completed or incomplete: ...{text[-300:]!r}"]
     return []
 
 

@@ -32,8 +32,9 @@ MAX_STREAM_EVENTS = 10**6  # schemathesis hangs up on a stream after 20 events u
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=bool(os.environ.get("CI")),
                          suppress_health_check=list(HealthCheck), print_blob=True)
-GENERATING = {"POST /openai/v1/completions", "POST /openai/v1/chat/completions", "POST /generate", "POST /chat",
-              "POST /worker_generate", "POST /worker_generate_stream", f"POST {V1_PREDICT}", f"POST {V2_INFER}"}
+GENERATING = {"POST /openai/v1/completions", "POST /openai/v1/chat/completions", "POST /openai/v1/responses",
+              "POST /generate", "POST /chat", "POST /worker_generate", "POST /worker_generate_stream",
+              f"POST {V1_PREDICT}", f"POST {V2_INFER}"}
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,11 @@ LONG_REQUESTS = {
     "openai chat stream": ("POST", "/openai/v1/chat/completions",
                            {"model": "tiny", "messages": CHAT, "max_tokens": LONG, "ignore_eos": True,
                             "stream": True}),
+    "openai responses": ("POST", "/openai/v1/responses",
+                         {"model": "tiny", "input": CHAT, "max_output_tokens": LONG, "ignore_eos": True}),
+    "openai responses stream": ("POST", "/openai/v1/responses",
+                                {"model": "tiny", "input": CHAT, "max_output_tokens": LONG, "ignore_eos": True,
+                                 "stream": True}),
 }
 
 

@@ -499,8 +499,8 @@ def test_server_still_answers_after_bad_inputs(tiny):
 
 
 def test_api_key_guards_shutdown_but_not_health(tiny):
-    assert httpx.get(f"{tiny.url}/", timeout=10).status_code == 200
-    assert httpx.get(f"{tiny.url}/healthz", timeout=10).status_code == 200
+    for probe in ("/", "/healthz", "/health", "/openai/health"):  # /openai/health: guidellm's, on .../openai/v1
+        assert httpx.get(f"{tiny.url}{probe}", timeout=10).status_code == 200
     for path in ("/shutdown", "/generate", "/chat"):
         assert httpx.post(f"{tiny.url}{path}", json={}, timeout=10).status_code == 401
     assert httpx.get(f"{tiny.url}/healthz", timeout=10).status_code == 200

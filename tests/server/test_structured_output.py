@@ -2,8 +2,8 @@
 constrained decoding, beside unconstrained requests that keep model.generate's greedy text, and the 400s.
 
 The test model has random weights: left free it writes gibberish, so JSON that parses (and validates) is the
-grammar's doing. A json_object's strings are the model's own and may run past max_tokens ("length"); what
-finishes ("stop") parses.
+grammar's doing. Left to itself it would never close a string of its own; the budget's closing makes every
+answer finish ("stop") within max_tokens, and what finishes parses.
 """
 
 from __future__ import annotations
@@ -65,14 +65,25 @@ def test_seeded_json_is_reproducible(server, client):
     assert once() == once()
 
 
-def test_json_object_output_parses_when_it_finishes(server, client):
-    greedy = chat(client, server, max_tokens=64, temperature=0, response_format={"type": "json_object"}).choices[0]
-    assert greedy.finish_reason == "stop" and isinstance(json.loads(greedy.message.content), dict)
-    sampled = chat(client, server, max_tokens=48, temperature=1.0, seed=0, n=8,
-                   response_format={"type": "json_object"}).choices
-    finished = [c.message.content for c in sampled if c.finish_reason == "stop"]
-    assert finished and all(isinstance(json.loads(text), dict) for text in finished)
-    assert all(c.message.content.startswith("{") for c in sampled)
+@pytest.mark.parametrize("max_tokens", [16, 64])
+def test_json_object_output_finishes_within_max_tokens_and_parses(server, client, max_tokens):
+    greedy = chat(client, server, max_tokens=max_tokens, temperature=0, response_format={"type": "json_object"})
+    sampled = chat(client, server, max_tokens=max_tokens, temperature=1.0, seed=0, n=8,
+                   response_format={"type": "json_object"})
+    for choice in greedy.choices + sampled.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        assert isinstance(json.loads(choice.message.content), dict)
+
+
+def test_a_free_string_field_finishes_within_max_tokens(server, client):
+    """An unbounded string is the model's to end; this one never would, and is closed as the budget runs out."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    for temperature, seed in ((0, None), (1.0, 1), (1.0, 2)):
+        choice = chat(client, server, max_tokens=64, temperature=temperature, seed=seed,
+                      response_format=response_format).choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
 
 
 def test_the_sdk_parse_helper_gets_its_pydantic_model(server, client):

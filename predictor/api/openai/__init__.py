@@ -1,1 +1,1 @@
-"""OpenAI-compatible completions, chat completions, models: request bodies, routes, responses."""
+"""OpenAI-compatible completions, chat completions, models and the Responses API: request bodies, routes, responses."""

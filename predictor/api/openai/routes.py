@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from predictor.api.json_bodies import ParsedBodyRoute, json_response
 from predictor.api.openai.protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, SamplingFields
 from predictor.api.openai.responses import ChatResponses, CompletionResponses, ResponseBuilder
-from predictor.api.service import GenerationService, ServedModel
+from predictor.api.service import GenerationService, ServedModel, check_in_vocabulary
 from predictor.engine import Delta, Finished, GenerationStream, InvalidRequest
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -70,9 +70,7 @@ def completions_router(served: ServedModel) -> APIRouter:
 async def _prompt_ids(service: GenerationService, prompt: str | list[int], field: str) -> list[int]:
     if isinstance(prompt, str):
         return await service.encode_prompt(prompt, field)
-    vocab = len(service.tokenizer)
-    if any(not 0 <= t < vocab for t in prompt):
-        raise InvalidRequest(field, f"token ids must be in [0, {vocab})")
+    check_in_vocabulary(prompt, len(service.tokenizer), field)
     return list(prompt)
 
 
