@@ -44,9 +44,13 @@ def test_quick_bench_writes_table_plot_and_ratio(tiny_llama, tmp_path, capsys, m
     assert (run_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [line for line in (run_dir / "results.md").read_text().splitlines() if re.match(r"\| \d+ \|", line)]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
+    header = next(line for line in (run_dir / "results.md").read_text().splitlines() if line.startswith("| streams"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
     for row in rows:
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert all(re.fullmatch(NUMBER, cell) and float(cell) > 0 for cell in cells), row
+        cells = dict(zip(columns, (cell.strip() for cell in row.strip("|").split("|")), strict=True))
+        assert all(re.fullmatch(NUMBER, cell) for cell in cells.values()), row
+        # Latencies may round to 0.0 ms on the tiny model (chunks read in one go); rates and sizes may not.
+        assert all(float(cell) > 0 for column, cell in cells.items() if " ms" not in column), row
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA it measures the kernel (build/device_check.sh)")
