@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tensor_parallel_size: int = Field(1, ge=1, le=512)
-    max_model_len: int | None = Field(None, ge=16, description="Prompt + generated tokens per sequence.")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Prompt + generated tokens per sequence (default: the model's "
+        "max_position_embeddings, capped at its sliding window if it has one)."
+    )
     max_num_seqs: int = Field(256, ge=1, le=4096, description="Sequences decoded together in one batch.")
     max_queue: int = Field(256, ge=0, description="Waiting generations and embedding inputs beyond which new ones "
                            "get 429; a request with more items (instances, inputs, prompts x n) is a 400.")

@@ -7,6 +7,7 @@ tokenizer) is a LoadError naming the file and the problem, found before the weig
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from predictor import model_facts
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,6 +61,30 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers refuses a config in many ways (OSError, ValueError, KeyError, ...)
         raise LoadError(f"{path}: transformers cannot use it: {_one_line(err)}") from None
+
+
+def resolve_max_model_len(model_dir: Path, config, requested: int | None) -> int:
+    """The context the engine serves: `requested`, else the model's max_position_embeddings (2048 if it has none).
+
+    The paged attention attends to a sequence's whole context with plain scaled dot products. Within a sliding
+    window that is what the model does, so a model with one (Mistral v0.1, Gemma 2) is served up to its window;
+    logit soft-capping inside attention (Gemma 2) it does not do at all, so such a model is refused rather than
+    served with different outputs."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    path = model_dir / "config.json"
+    if getattr(text, "attn_logit_softcapping", None):
+        raise LoadError(f"{path}: attn_logit_softcapping is set: this server's paged attention does not soft-cap "
+                        "attention logits, so the model would answer differently from transformers")
+    longest = requested or getattr(text, "max_position_embeddings", None) or 2048
+    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+    if window and longest > window:
+        if requested:
+            raise LoadError(f"max_model_len: {requested} is longer than the model's sliding window ({window}, "
+                            f"{path}); this server attends to whole contexts, so it serves up to {window} tokens")
+        logger.info("max_model_len %d: the model's sliding window (its max_position_embeddings is %d); this server "
+                    "attends to whole contexts, which within the window is what the model does", window, longest)
+        longest = window
+    return longest
 
 
 def check_model_files(model_dir: Path) -> None:

@@ -72,7 +72,7 @@ def load(settings: Settings, rank: Rank | None) -> Loaded:
     device = loader.resolve_device(settings.device, rank.local_rank if rank else 0)
     dtype = loader.resolve_dtype(settings.dtype, device, config)
     control, liveness_group = init_process_groups(device) if rank else (None, None)
-    max_model_len = settings.max_model_len or getattr(config, "max_position_embeddings", None) or 2048
+    max_model_len = loader.resolve_max_model_len(model_dir, config, settings.max_model_len)
     model = loader.load_model(model_dir, config, dtype, device, tp_size, settings.trust_remote_code)
     runner = ModelRunner(model, block_size=settings.block_size, max_model_len=max_model_len)
     fast_path = FastPath(runner, enforce_eager=settings.enforce_eager, max_num_seqs=settings.max_num_seqs,
