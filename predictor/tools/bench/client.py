@@ -58,10 +58,11 @@ class Target:
     api_key: str | None = None
     include_usage: bool = True  # ask for the final usage chunk; turned off if the server refuses the field
     sampling: dict = field(default_factory=lambda: {"temperature": 0})  # greedy unless a wave says otherwise
+    completions_path: str = "/openai/v1/completions"  # "/v1/completions": the route vLLM serves too
 
     @property
     def completions_url(self) -> str:
-        return f"{self.url.rstrip('/')}/openai/v1/completions"
+        return f"{self.url.rstrip('/')}{self.completions_path}"
 
     @property
     def headers(self) -> dict[str, str]:
