@@ -213,11 +213,14 @@ def run_notes(args) -> list[str]:
     cores = vllm.usable_cores()
     return [
         f"each server is started alone on the same model directory (fp32), max_num_seqs {args.max_num_seqs}, "
-        f"max_model_len {args.max_model_len}, a {args.kv_cache_gib} GiB KV cache; after a warm-up wave at the "
-        f"largest concurrency; other settings are each server's defaults",
+        f"max_model_len {args.max_model_len}, a {args.kv_cache_gib} GiB KV cache, 2048 prompt tokens per step "
+        "(our --max_prefill_tokens default, vLLM's CPU default max_num_batched_tokens); measured after a warm-up "
+        "wave at the largest concurrency; other settings are each server's defaults (vLLM: prefix caching and "
+        "chunked prefill on)",
         f"cores: ours runs OMP_NUM_THREADS={len(cores)}, unpinned, its HTTP front-end in the same process; vLLM "
         "'all cores' binds its OpenMP threads to the same cores, its front-end and engine-core processes "
         "unpinned; vLLM's default keeps one core for them, computing on the rest",
         "vLLM compiles the model with inductor at start-up (its default); ours runs eager PyTorch on the CPU",
+        "the bench client runs on the same cores as the server measured, for both",
         "the machine is shared: the load average is recorded per server; compare ratios within one run",
     ]
