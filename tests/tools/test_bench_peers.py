@@ -3,19 +3,22 @@ server's side of a run end to end on the tiny model."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import time
 
+import httpx
 from servers import predictor_env
 
 from predictor.__main__ import main
-from predictor.tools.bench.client import StreamResult, WaveResult
+from predictor.tools.bench.client import StreamResult, Target, WaveResult, stream_completion
 from predictor.tools.bench.peers import report, vllm
 from predictor.tools.bench.peers.results import OURS, PLAIN, PREFIX, ModelRun, PeerRun, ServerRun
 from predictor.tools.bench.peers.workload import build, distinct_prompts, shared_prefix_prompts
 from predictor.tools.bench.server import spawn
+from predictor.tools.bench.workload import BenchRequest
 
 NUMBER = r"\d+(?:\.\d+)?"
 
@@ -154,3 +157,22 @@ def test_our_side_of_a_run_end_to_end(tiny_llama, tmp_path, capsys, monkeypatch)
         (PLAIN, 1, 8), (PLAIN, 2, 8), (PREFIX, 1, 8), (PREFIX, 2, 8)]
     for row in (line for line in (run_dir / "results.md").read_text().splitlines() if line.startswith("| distinct")):
         assert all(re.fullmatch(NUMBER, cell.strip()) for cell in row.strip("|").split("|")[1:]), row
+
+
+def test_the_client_reads_text_holding_unicode_line_separators():
+    """vLLM's JSON leaves U+2028 and U+0085 raw inside strings; httpx's aiter_lines splits at them."""
+    chunks = [{"choices": [{"text": "a\u2028b\x85c", "finish_reason": None}]},
+              {"choices": [{"text": "d", "finish_reason": "length"}]},
+              {"choices": [], "usage": {"completion_tokens": 2}}]
+    body = "".join(f"data: {json.dumps(chunk, ensure_ascii=False)}\r\n\r\n" for chunk in chunks) + "data: [DONE]\n\n"
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+
+    async def stream() -> StreamResult:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(respond)) as http:
+            target = Target("http://peer", "demo", completions_path="/v1/completions")
+            return await stream_completion(http, target, BenchRequest("hi", [1, 2], 2))
+
+    result = asyncio.run(stream())
+    assert result.completion_tokens == 2 and result.finish_reason == "length" and len(result.gaps_s) == 1

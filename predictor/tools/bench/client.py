@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -92,7 +93,7 @@ async def stream_completion(client: httpx.AsyncClient, target: Target, request: 
                              headers=target.headers) as response:
         if response.status_code != 200:
             raise ServerRefused(f"{response.status_code}: {(await response.aread()).decode(errors='replace')}")
-        async for line in response.aiter_lines():
+        async for line in event_stream_lines(response.aiter_text()):
             if not line.startswith("data:"):
                 continue
             payload = line[len("data:"):].strip()
@@ -114,6 +115,19 @@ async def stream_completion(client: httpx.AsyncClient, target: Target, request: 
                 last_text_at = now
     result.completion_tokens = _completion_tokens(usage_tokens, result.finish_reason, wanted, text_chunks)
     return result
+
+
+async def event_stream_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of a server-sent event stream, split at line ends only. Not httpx's aiter_lines: it splits like
+    str.splitlines, at U+2028, U+0085 and others too, which JSON leaves unescaped inside a string (vLLM's chunks
+    carry them raw when the model generates them)."""
+    buffer = ""
+    async for chunk in chunks:
+        *lines, buffer = (buffer + chunk).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if buffer:
+        yield buffer.removesuffix("\r")
 
 
 def _completion_tokens(usage_tokens: int | None, finish_reason: str | None, wanted: int, text_chunks: int) -> int:

@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 from predictor.tools.bench import client, machine, server
 from predictor.tools.bench.peers import models, report, vllm
 from predictor.tools.bench.peers.results import OURS, PLAIN, PREFIX, ModelRun, PeerRun, ServerRun
@@ -154,8 +152,9 @@ def measure_server(record: ServerRun, model_name: str, workload: PeerWorkload, s
     try:
         target = client.Target(local.url, model_name, completions_path=COMPLETIONS_PATH)
         asyncio.run(send_workload(target, record, workload, streams))
-    except (client.ServerRefused, httpx.HTTPError) as err:
+    except Exception as err:  # noqa: BLE001 - one server failing must not lose the others' figures
         record.problems.append(f"stopped answering: {type(err).__name__}: {err}"[:300])
+        logger.exception("%s on %s", record.label, model_name)
     finally:
         local.stop()
         record.load_at_end = machine.load_average()
