@@ -15,6 +15,7 @@ from servers import predictor_env
 from predictor.__main__ import main
 from predictor.tools.bench.client import StreamResult, Target, WaveResult, stream_completion
 from predictor.tools.bench.peers import report, vllm
+from predictor.tools.bench.peers.cpu import CpuUse
 from predictor.tools.bench.peers.results import OURS, PLAIN, PREFIX, ModelRun, PeerRun, ServerRun
 from predictor.tools.bench.peers.workload import build, distinct_prompts, shared_prefix_prompts
 from predictor.tools.bench.server import spawn
@@ -114,6 +115,7 @@ def wave(streams: int, tokens_per_stream: int, wall_s: float, ttfts_s: list[floa
 def synthetic_run() -> PeerRun:
     ours = ServerRun(OURS, "python -m predictor", startup_s=20, first_ttft_s=2.0, second_ttft_s=0.4)
     ours.waves[(PLAIN, 64)] = wave(64, 100, 10.0, [0.1, 0.2, 0.3])  # 30 tok/s, TTFT p50 200 ms
+    ours.cpu[(PLAIN, 64)] = CpuUse(server_cores=1.9, others_cores=0.05)
     ours.waves[(PREFIX, 64)] = wave(64, 100, 10.0, [1.0, 1.0, 1.0])
     peer = ServerRun(vllm.label(vllm.ALL_CORES), "python -m vllm...", startup_s=180, first_ttft_s=1.0,
                      second_ttft_s=0.1, problems=["shared prefix, 64 streams: 290 tokens, not 300"])
@@ -126,9 +128,9 @@ def test_ratios_read_higher_is_better_for_us(tmp_path):
     text = results.read_text()
     rows = {row.split("|")[1].strip(): [c.strip() for c in row.strip("|").split("|")]
             for row in text.splitlines() if row.startswith(("| distinct", "| shared"))}
-    # ours tok/s, ours TTFT, vLLM tok/s, ours / vLLM, vLLM TTFT, vLLM / ours TTFT
-    assert rows["distinct prompts"][2:] == ["30.0", "200.0", "15.0", "2.00", "400.0", "2.00"]
-    assert rows["shared prefix"][2:] == ["30.0", "1000.0", "n/a", "n/a", "n/a", "n/a"]  # vLLM not measured there
+    # ours tok/s, TTFT, cores; vLLM tok/s, ours / vLLM, vLLM TTFT, vLLM / ours TTFT, vLLM cores
+    assert rows["distinct prompts"][2:] == ["30.0", "200.0", "1.90, 0.05", "15.0", "2.00", "400.0", "2.00", "n/a"]
+    assert rows["shared prefix"][2:] == ["30.0", "1000.0", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"]
     assert "| ours | 2000.0 | 400.0 | 0.20 |" in text
     assert "290 tokens, not 300" in text
     assert text.rstrip().splitlines()[-1] == "ours / vLLM-CPU tok/s at 64 streams: demo vs vLLM all-cores: 2.00"
@@ -146,7 +148,7 @@ def test_our_side_of_a_run_end_to_end(tiny_llama, tmp_path, capsys, monkeypatch)
     code = main(["bench-peers", "--skip_vllm", "--models", str(tiny_llama), "--concurrency", "1,2",
                  "--min_wave_requests", "2", "--prompt_tokens", "24", "--max_tokens", "4", "--prefix_tokens", "64",
                  "--suffix_tokens", "8", "--prefix_max_tokens", "4", "--max_model_len", "256", "--max_num_seqs", "4",
-                 "--kv_cache_gib", "1", "--results_dir", str(tmp_path)])
+                 "--kv_cache_gib", "1", "--quiet_wait_s", "0", "--results_dir", str(tmp_path)])
     assert code == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"results: {tmp_path}")
     (run_dir,) = tmp_path.iterdir()
@@ -155,8 +157,11 @@ def test_our_side_of_a_run_end_to_end(tiny_llama, tmp_path, capsys, monkeypatch)
     assert ours["problems"] == [] and ours["first_ttft_s"] > 0 and ours["second_ttft_s"] > 0
     assert [(w["workload"], w["streams"], w["generated_tokens"]) for w in ours["waves"]] == [
         (PLAIN, 1, 8), (PLAIN, 2, 8), (PREFIX, 1, 8), (PREFIX, 2, 8)]
+    assert all(w["server_cores"] > 0 and w["others_cores"] >= 0 for w in ours["waves"])
     for row in (line for line in (run_dir / "results.md").read_text().splitlines() if line.startswith("| distinct")):
-        assert all(re.fullmatch(NUMBER, cell.strip()) for cell in row.strip("|").split("|")[1:]), row
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert all(re.fullmatch(NUMBER, cell) for cell in cells[1:4]), row
+        assert re.fullmatch(rf"{NUMBER}, {NUMBER}", cells[4]), row
 
 
 def test_the_client_reads_text_holding_unicode_line_separators():

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from predictor.tools.bench import client, machine, server
-from predictor.tools.bench.peers import models, report, vllm
-from predictor.tools.bench.peers.results import OURS, PLAIN, PREFIX, ModelRun, PeerRun, ServerRun
+from predictor.tools.bench.peers import cpu, models, report, vllm
+from predictor.tools.bench.peers.results import OURS, PLAIN, PREFIX, ModelRun, PeerRun, ServerRun, ttft_p50_ms
 from predictor.tools.bench.peers.workload import PeerWorkload, build
 from predictor.tools.bench.server import LocalServer
 
@@ -56,6 +56,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--our_args", default="", help="more flags for our server, one shell-quoted string "
                                                        "(e.g. '--enable_prefix_caching=false')")
     parser.add_argument("--vllm_args", default="", help="more flags for vLLM's api_server, one shell-quoted string")
+    parser.add_argument("--quiet_cores", type=float, default=0.5,
+                        help="before starting each server, wait until the rest of the machine uses at most this many "
+                             "cores (default %(default)s) ...")
+    parser.add_argument("--quiet_wait_s", type=float, default=600,
+                        help="... for at most this long (default %(default)s; 0: do not wait)")
     parser.add_argument("--models_dir", type=Path, default=Path(".cache") / "bench-models",
                         help="where the host-bound model is saved (once)")
     parser.add_argument("--results_dir", type=Path, default=Path("bench-results"),
@@ -117,7 +122,7 @@ def measure_ours(args, name: str, model_dir: Path, workload: PeerWorkload, run_d
     threads = {"OMP_NUM_THREADS": str(len(vllm.usable_cores()))}  # as tests/servers.py runs it
     flags = our_flags(args)
     record = ServerRun(OURS, f"OMP_NUM_THREADS={threads['OMP_NUM_THREADS']} python -m predictor {' '.join(flags)}")
-    return measure_server(record, name, workload, args.concurrency,
+    return measure_server(args, record, name, workload,
                           lambda: server.start(run_dir / f"{name}-ours.log", model_dir, name, flags, threads))
 
 
@@ -130,15 +135,19 @@ def measure_vllm(args, python: Path, binding: str, name: str, model_dir: Path, w
              f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']} python {' '.join(argv[1:])}")
     record = ServerRun(vllm.label(binding), shown.replace("--port 0", "--port PORT"))
     log = run_dir / f"{name}-vllm-{binding}.log"
-    return measure_server(record, name, workload, args.concurrency,
+    return measure_server(args, record, name, workload,
                           lambda: vllm.start(python, log, model_dir, name, binding, args.kv_cache_gib,
                                              args.max_num_seqs, args.max_model_len, extra))
 
 
-def measure_server(record: ServerRun, model_name: str, workload: PeerWorkload, streams: list[int],
+def measure_server(args, record: ServerRun, model_name: str, workload: PeerWorkload,
                    start: Callable[[], LocalServer]) -> ServerRun:
-    """Start one server (nothing else of ours running), send it the workload, stop it. A server that fails to
-    start or to answer is recorded as such; the run goes on with the next one."""
+    """Start one server (nothing else of ours running, the machine as quiet as it gets), send it the workload,
+    stop it. A server that fails to start or to answer is recorded as such; the run goes on with the next one."""
+    if args.quiet_wait_s > 0:
+        logger.info("waiting (at most %.0f s) for the rest of the machine to use at most %.1f cores",
+                    args.quiet_wait_s, args.quiet_cores)
+        record.others_at_start = cpu.wait_for_quiet(args.quiet_cores, args.quiet_wait_s)
     logger.info("%s on %s", record.label, model_name)
     record.load_at_start = machine.load_average()
     began = time.perf_counter()
@@ -151,7 +160,7 @@ def measure_server(record: ServerRun, model_name: str, workload: PeerWorkload, s
     record.startup_s = time.perf_counter() - began
     try:
         target = client.Target(local.url, model_name, completions_path=COMPLETIONS_PATH)
-        asyncio.run(send_workload(target, record, workload, streams))
+        asyncio.run(send_workload(target, record, workload, local.process.pid))
     except Exception as err:  # noqa: BLE001 - one server failing must not lose the others' figures
         record.problems.append(f"stopped answering: {type(err).__name__}: {err}"[:300])
         logger.exception("%s on %s", record.label, model_name)
@@ -161,7 +170,7 @@ def measure_server(record: ServerRun, model_name: str, workload: PeerWorkload, s
     return record
 
 
-async def send_workload(target: client.Target, record: ServerRun, workload: PeerWorkload, streams: list[int]):
+async def send_workload(target: client.Target, record: ServerRun, workload: PeerWorkload, session_id: int):
     await client.probe(target, workload.warm_up[0])
     await client.run_wave(target, workload.warm_up, len(workload.warm_up))  # every batch size up to the largest
     first = await client.run_wave(target, workload.pair[:1], 1)
@@ -169,16 +178,19 @@ async def send_workload(target: client.Target, record: ServerRun, workload: Peer
     record.first_ttft_s, record.second_ttft_s = first.streams[0].ttft_s, second.streams[0].ttft_s
     logger.info("%s: TTFT %.0f ms, then %.0f ms sharing its prefix", record.label, 1000 * (record.first_ttft_s or 0),
                 1000 * (record.second_ttft_s or 0))
-    await run_waves(target, record, PLAIN, workload.plain)
+    await run_waves(target, record, PLAIN, workload.plain, session_id)
     await client.run_wave(target, [workload.prefix_warm_up], 1)
-    await run_waves(target, record, PREFIX, workload.prefix)
+    await run_waves(target, record, PREFIX, workload.prefix, session_id)
 
 
-async def run_waves(target: client.Target, record: ServerRun, kind: str, waves: dict) -> None:
+async def run_waves(target: client.Target, record: ServerRun, kind: str, waves: dict, session_id: int) -> None:
     for count, requests in waves.items():
+        meter = cpu.CpuMeter(session_id)
         wave = record.waves[(kind, count)] = await client.run_wave(target, requests, count)
-        logger.info("%s, %s, %d streams: %.1f tok/s, TTFT p50 %.0f ms", record.label, kind, count,
-                    wave.tokens_per_s, 1000 * sorted(wave.ttfts_s)[len(wave.ttfts_s) // 2] if wave.ttfts_s else 0)
+        use = record.cpu[(kind, count)] = meter.stop()
+        logger.info("%s, %s, %d streams: %.1f tok/s, TTFT p50 %.0f ms; cores: %.2f server, %.2f others",
+                    record.label, kind, count, wave.tokens_per_s, ttft_p50_ms(wave) or 0, use.server_cores,
+                    use.others_cores)
         expected = sum(r.max_tokens for r in requests)
         if wave.generated_tokens != expected:
             record.problems.append(f"{kind}, {count} streams: {wave.generated_tokens} tokens, not {expected}")

@@ -18,37 +18,46 @@ from predictor.tools.bench.report import fmt
 from predictor.tools.bench.results import percentile_ms
 
 RATIOS = ("ours / vLLM tok/s: above 1, ours generates faster. vLLM / ours TTFT p50: above 1, ours answers sooner. "
-          "Both read 'higher is better for us'.")
+          "Both read 'higher is better for us'. Cores: CPU-seconds per second of the wave used by the server's "
+          "processes (own) and by everything else on the machine but the client (others', hypervisor steal "
+          "included): with others' near 0 the server had the machine to itself.")
 
 
 def model_table(model: ModelRun, streams: list[int]) -> str:
     ours, peers = model.ours, model.peers
-    columns = ["workload", "streams", "ours tok/s", "ours TTFT p50 ms"]
+    columns = ["workload", "streams", "ours tok/s", "ours TTFT p50 ms", "ours cores: own, others'"]
     for peer in peers:
         columns += [f"{peer.label} tok/s", f"ours / {peer.label} tok/s", f"{peer.label} TTFT p50 ms",
-                    f"{peer.label} / ours TTFT"]
+                    f"{peer.label} / ours TTFT", f"{peer.label} cores: own, others'"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for workload in WORKLOADS:
         for count in streams:
             mine = ours.wave(workload, count) if ours else None
-            row = [workload, str(count), fmt(mine.tokens_per_s if mine else None), fmt(ttft_p50_ms(mine))]
+            row = [workload, str(count), fmt(mine.tokens_per_s if mine else None), fmt(ttft_p50_ms(mine)),
+                   cores(ours, workload, count)]
             for peer in peers:
                 theirs = peer.wave(workload, count)
                 row += [fmt(theirs.tokens_per_s if theirs else None), fmt(tokens_ratio(mine, theirs), 2),
-                        fmt(ttft_p50_ms(theirs)), fmt(ttft_ratio(mine, theirs), 2)]
+                        fmt(ttft_p50_ms(theirs)), fmt(ttft_ratio(mine, theirs), 2), cores(peer, workload, count)]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
+def cores(server: ServerRun | None, workload: str, streams: int) -> str:
+    use = server.cpu.get((workload, streams)) if server else None
+    return f"{use.server_cores:.2f}, {use.others_cores:.2f}" if use else "n/a"
+
+
 def servers_table(model: ModelRun) -> str:
     lines = ["| server | first request TTFT ms | second request TTFT ms | second / first | start-up s | "
-             "load (1 min) at start, end | problems |",
-             "|---|---|---|---|---|---|---|"]
+             "others' cores before start | load (1 min) at start, end | problems |",
+             "|---|---|---|---|---|---|---|---|"]
     for server in model.servers:
         first = server.first_ttft_s * 1000 if server.first_ttft_s is not None else None
         second = server.second_ttft_s * 1000 if server.second_ttft_s is not None else None
         lines.append(f"| {server.label} | {fmt(first)} | {fmt(second)} | {fmt(server.second_over_first, 2)} | "
-                     f"{fmt(server.startup_s, 0)} | {fmt(server.load_at_start, 2)}, {fmt(server.load_at_end, 2)} | "
+                     f"{fmt(server.startup_s, 0)} | {fmt(server.others_at_start, 2)} | "
+                     f"{fmt(server.load_at_start, 2)}, {fmt(server.load_at_end, 2)} | "
                      f"{'; '.join(server.problems)} |")
     return "\n".join(lines)
 
@@ -91,13 +100,17 @@ def server_json(server: ServerRun, ours: ServerRun | None) -> dict:
     waves = []
     for (workload, streams), wave in sorted(server.waves.items()):
         entry = {"workload": workload, "streams": streams, **wave_json(wave)}
+        if (workload, streams) in server.cpu:
+            use = server.cpu[(workload, streams)]
+            entry.update(server_cores=use.server_cores, others_cores=use.others_cores)
         if ours and server is not ours:
             mine = ours.wave(workload, streams)
             entry.update(ours_over_peer_tokens_per_s=tokens_ratio(mine, wave),
                          peer_over_ours_ttft=ttft_ratio(mine, wave))
         waves.append(entry)
     return {"label": server.label, "command": server.command, "startup_s": server.startup_s,
-            "load_at_start": server.load_at_start, "load_at_end": server.load_at_end,
+            "others_cores_at_start": server.others_at_start, "load_at_start": server.load_at_start,
+            "load_at_end": server.load_at_end,
             "first_ttft_s": server.first_ttft_s, "second_ttft_s": server.second_ttft_s,
             "second_over_first": server.second_over_first, "problems": server.problems, "waves": waves}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from predictor.tools.bench.client import WaveResult
+from predictor.tools.bench.peers.cpu import CpuUse
 from predictor.tools.bench.results import percentile_ms
 
 OURS = "ours"
@@ -22,7 +23,9 @@ class ServerRun:
     startup_s: float | None = None
     load_at_start: float | None = None
     load_at_end: float | None = None
+    others_at_start: float | None = None  # cores the rest of the machine used just before it started
     waves: dict[tuple[str, int], WaveResult] = field(default_factory=dict)  # (workload, streams) -> wave
+    cpu: dict[tuple[str, int], CpuUse] = field(default_factory=dict)  # (workload, streams) -> during that wave
     first_ttft_s: float | None = None  # a request with a prefix the server has not seen, sent alone
     second_ttft_s: float | None = None  # then one sharing that prefix, sent alone
     problems: list[str] = field(default_factory=list)  # why it was not (fully) measured
