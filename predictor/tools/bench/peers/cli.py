@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -89,6 +90,7 @@ def main(argv: list[str]) -> int:
         print(f"llm-predictor bench-peers: {err}", file=sys.stderr)
         return 2
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: the server running is stopped
     run_dir = args.results_dir / (time.strftime("%Y%m%d-%H%M%S") + "-peers")
     results = report.write(measure(args, python, run_dir), run_dir)
     print(results.read_text())
@@ -97,19 +99,29 @@ def main(argv: list[str]) -> int:
 
 
 def measure(args, python: Path | None, run_dir: Path) -> PeerRun:
+    """Every model on every server; the results so far are written after each server, so that a run stopped
+    midway (a shared machine) keeps what it measured."""
     load_at_start = machine.load_average()
-    runs = []
+    peer = [f"peer: {vllm.installed_versions(args.vllm_venv)} in {args.vllm_venv}"] if python else []
+    run = PeerRun({}, describe_workload(args), args.concurrency, [], notes=peer + run_notes(args))
+
+    def save() -> None:
+        run.machine = machine.describe(load_at_start)  # the load average "at end": now
+        report.write(run, run_dir)
+
     for name in args.models:
         label, model_dir = models.resolve(name, args.models_dir)
         workload = build(load_tokenizer(model_dir), args.concurrency, args.min_wave_requests, args.prompt_tokens,
                          args.max_tokens, args.prefix_tokens, args.suffix_tokens, args.prefix_max_tokens)
-        servers = [measure_ours(args, label, model_dir, workload, run_dir)]
-        servers += [measure_vllm(args, python, binding, label, model_dir, workload, run_dir)
-                    for binding in args.vllm_binds]
-        runs.append(ModelRun(label, str(model_dir), servers))
-    peer = [f"peer: {vllm.installed_versions(args.vllm_venv)} in {args.vllm_venv}"] if python else []
-    return PeerRun(machine.describe(load_at_start), describe_workload(args), args.concurrency, runs,
-                   notes=peer + run_notes(args))
+        model = ModelRun(label, str(model_dir), [])
+        run.models.append(model)
+        model.servers.append(measure_ours(args, label, model_dir, workload, run_dir))
+        save()
+        for binding in args.vllm_binds:
+            model.servers.append(measure_vllm(args, python, binding, label, model_dir, workload, run_dir))
+            save()
+    run.machine = machine.describe(load_at_start)
+    return run
 
 
 def our_flags(args) -> list[str]:
