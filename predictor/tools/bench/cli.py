@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import logging
 import shlex
@@ -175,8 +176,7 @@ def measure_server(args, target: client.Target, workload: list[BenchRequest], lo
 def measure_sampled(args, target: client.Target, workload: list[BenchRequest]) -> client.WaveResult:
     streams = max(args.concurrency)
     requests = wave_requests(workload, streams, args.min_wave_requests)
-    sampling = client.Target(target.url, target.model, target.api_key, target.include_usage,
-                             {"temperature": 0.8, "top_p": 0.9})
+    sampling = dataclasses.replace(target, sampling={"temperature": 0.8, "top_p": 0.9})
     wave = asyncio.run(client.run_wave(sampling, requests, streams, seeded=True))
     logger.info("server, %d streams sampling: %.1f tok/s", streams, wave.tokens_per_s)
     return wave

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -58,10 +59,11 @@ class Target:
     api_key: str | None = None
     include_usage: bool = True  # ask for the final usage chunk; turned off if the server refuses the field
     sampling: dict = field(default_factory=lambda: {"temperature": 0})  # greedy unless a wave says otherwise
+    completions_path: str = "/openai/v1/completions"  # "/v1/completions": the route vLLM serves too
 
     @property
     def completions_url(self) -> str:
-        return f"{self.url.rstrip('/')}/openai/v1/completions"
+        return f"{self.url.rstrip('/')}{self.completions_path}"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -91,7 +93,7 @@ async def stream_completion(client: httpx.AsyncClient, target: Target, request: 
                              headers=target.headers) as response:
         if response.status_code != 200:
             raise ServerRefused(f"{response.status_code}: {(await response.aread()).decode(errors='replace')}")
-        async for line in response.aiter_lines():
+        async for line in event_stream_lines(response.aiter_text()):
             if not line.startswith("data:"):
                 continue
             payload = line[len("data:"):].strip()
@@ -113,6 +115,19 @@ async def stream_completion(client: httpx.AsyncClient, target: Target, request: 
                 last_text_at = now
     result.completion_tokens = _completion_tokens(usage_tokens, result.finish_reason, wanted, text_chunks)
     return result
+
+
+async def event_stream_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of a server-sent event stream, split at line ends only. Not httpx's aiter_lines: it splits like
+    str.splitlines, at U+2028, U+0085 and others too, which JSON leaves unescaped inside a string (vLLM's chunks
+    carry them raw when the model generates them)."""
+    buffer = ""
+    async for chunk in chunks:
+        *lines, buffer = (buffer + chunk).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if buffer:
+        yield buffer.removesuffix("\r")
 
 
 def _completion_tokens(usage_tokens: int | None, finish_reason: str | None, wanted: int, text_chunks: int) -> int:

@@ -38,14 +38,19 @@ class LocalServer:
         return None
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
+        """SIGTERM, then SIGKILL to its whole process group: a server's helper processes (vLLM's engine core and
+        workers, tensor-parallel ranks) must not outlive it and hold the cores the next measurement needs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
         try:
-            self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
 
 def free_port() -> int:
@@ -62,43 +67,50 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def launch(log: Path, model_dir: Path | None, model_name: str, server_args: list[str]) -> LocalServer:
+def spawn(command: list[str], log: Path, port: int, env: dict[str, str]) -> LocalServer:
+    """Any HTTP server on a loopback port, in its own session (so stop() reaches its children), output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return LocalServer(process, f"http://127.0.0.1:{port}", log)
+
+
+def launch(log: Path, model_dir: Path | None, model_name: str, server_args: list[str],
+           extra_env: dict[str, str] | None = None) -> LocalServer:
     """`python -m predictor` on a loopback port; no model_dir serves the demo model."""
     port = free_port()
     command = [sys.executable, "-m", "predictor", f"--http_port={port}", f"--grpc_port={free_port()}",
                f"--model_name={model_name}", *server_args]
     if model_dir is not None:
         command.append(f"--model_dir={model_dir}")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, env=server_env(), stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    return LocalServer(process, f"http://127.0.0.1:{port}", log)
+    return spawn(command, log, port, {**server_env(), **(extra_env or {})})
 
 
-def wait_ready(server: LocalServer, model_name: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+def wait_ready(server: LocalServer, ready_path: str, timeout_s: float = READY_TIMEOUT_S,
+               name: str = "the predictor") -> None:
+    """Until GET `ready_path` answers 200; stopped again if the server exits or never does."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            tail = server.log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the predictor exited with {server.process.returncode}:\n{tail}")
-        try:
-            if httpx.get(f"{server.url}/v1/models/{model_name}", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise TimeoutError(f"the predictor was not ready after {timeout_s:.0f}s; see {server.log}")
-
-
-def start(log: Path, model_dir: Path | None, model_name: str, server_args: list[str]) -> LocalServer:
-    """launch, then wait until it serves the model; stopped again if it never does."""
-    local = launch(log, model_dir, model_name, server_args)
-    logger.info("waiting for the local server (pid %d) at %s", local.process.pid, local.url)
+    logger.info("waiting for %s (pid %d) at %s", name, server.process.pid, server.url)
     try:
-        wait_ready(local, model_name)
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                tail = server.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited with {server.process.returncode}:\n{tail}")
+            try:
+                if httpx.get(f"{server.url}{ready_path}", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} was not ready after {timeout_s:.0f}s; see {server.log}")
     except BaseException:
-        local.stop()
+        server.stop()
         raise
+
+
+def start(log: Path, model_dir: Path | None, model_name: str, server_args: list[str],
+          extra_env: dict[str, str] | None = None) -> LocalServer:
+    """launch, then wait until it serves the model."""
+    local = launch(log, model_dir, model_name, server_args, extra_env)
+    wait_ready(local, f"/v1/models/{model_name}")
     return local

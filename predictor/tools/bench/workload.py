@@ -45,19 +45,19 @@ def build_workload(tokenizer, count: int, prompt_tokens: tuple[int, int], max_to
         length = rng.randint(*prompt_tokens)
         new_tokens = rng.randint(*max_tokens)
         start = rng.randrange(len(words))
-        prompt, prompt_ids = _prompt_of_length(tokenizer, _words_from(words, start, length), length)
+        prompt, prompt_ids = prompt_of_length(tokenizer, words_from(words, start, length), length)
         requests.append(BenchRequest(prompt, prompt_ids, new_tokens))
     return requests
 
 
-def _words_from(words: list[str], start: int, length: int) -> str:
+def words_from(words: list[str], start: int, length: int) -> str:
     """Enough text from word `start` on, wrapping around the paragraph, for `length` tokens and some slack."""
     wanted = 2 * length + 2 * LENGTH_SEARCH  # a word is at least one token
     repeats = wanted // len(words) + 2
     return " ".join((words * repeats)[start:start + wanted])
 
 
-def _prompt_of_length(tokenizer, text: str, length: int) -> tuple[str, list[int]]:
+def prompt_of_length(tokenizer, text: str, length: int) -> tuple[str, list[int]]:
     body_ids = tokenizer(text, add_special_tokens=False).input_ids
     specials = len(tokenizer("a").input_ids) - len(tokenizer("a", add_special_tokens=False).input_ids)
     target = length - specials
