@@ -5,7 +5,8 @@ A step's tokens arrive packed in one row, [1, T]: first the prefill chunks (quer
 function then reads every sequence's context from its blocks:
 - prefill chunks one by one with torch's SDPA (causal; a chunk after cached context gathers that context), and
   on the CPU the decodes the same way: one small SDPA per sequence over its own context beats one batched SDPA
-  over contexts gathered and padded to the longest (101 -> 53 ms per step at 32 decodes of 300 tokens);
+  over contexts gathered and padded to the longest (101 -> 53 ms per step at 32 decodes of 300 tokens), except
+  decodes that share a prefix's blocks, which read it once together (cascade_attention.py);
 - on CUDA, decodes together, with the Triton kernel or, without Triton, by gathering their blocks for one
   batched SDPA. The Triton path reads lengths and block tables from device tensors only, so it can be captured
   in a CUDA graph.
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from predictor.engine.cascade_attention import CascadePlan, cascade_decode_attention
 
 PAGED_ATTENTION = "predictor_paged"
 
@@ -45,6 +48,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [D, max_blocks]
     decode_max_len: int | None  # host copy of max(decode_seq_lens) for the gathering path; None: not known on the host
     use_triton: bool = False
+    cascade: CascadePlan | None = None  # looped decodes that share a prefix, attended by groups (CPU)
 
     @property
     def num_decodes(self) -> int:
@@ -61,7 +65,10 @@ def chunked_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                       v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
     """Causal attention of each looped chunk over its cached context and itself. Tensors are [T, heads, dim]."""
     starts = meta.chunk_query_starts
+    grouped = meta.cascade.chunks if meta.cascade else frozenset()
     for i, seq_len in enumerate(meta.chunk_seq_lens):
+        if i in grouped:
+            continue
         start, end = starts[i], starts[i + 1]
         query_len = end - start
         query = q[start:end].transpose(0, 1)[None]
@@ -110,6 +117,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     out = torch.empty_like(q)
     if meta.chunk_seq_lens:
         chunked_attention(q, key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, meta, scaling, out)
+    if meta.cascade:
+        cascade_decode_attention(q, k_cache, v_cache, meta.cascade, scaling, out)
     if meta.num_decodes:
         decodes = q[meta.decode_start:]
         if meta.use_triton:

@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache
 from predictor import model_facts
 from predictor.engine.attention import PAGED_ATTENTION, AttentionMetadata
 from predictor.engine.block_manager import SCRATCH_BLOCK
+from predictor.engine.cascade_attention import plan_cascade
 from predictor.engine.cuda_graphs import DecodeGraphs
 from predictor.engine.kv_cache import MaskLayout, PagedKVCache
 from predictor.engine.model_inputs import HEADER, ModelInputs, upload
@@ -107,16 +108,20 @@ class ModelRunner:
 
     def _forward_paged(self, inputs: ModelInputs, step: StepTensors) -> torch.Tensor:
         looped = len(inputs.query_lens) if self.loop_decodes else inputs.num_prefills
+        starts = inputs.query_starts
+        cascade = plan_cascade(inputs.block_tables, inputs.seq_lens, starts, inputs.num_prefills, self.block_size,
+                               self.dtype) if self.loop_decodes else None
         meta = AttentionMetadata(
             cache=self.cache,
-            chunk_query_starts=inputs.query_starts[: looped + 1],
+            chunk_query_starts=starts[: looped + 1],
             chunk_seq_lens=inputs.seq_lens[:looped],
             chunk_block_tables=list(step.block_tables[:looped]),
-            decode_start=inputs.query_starts[looped],
+            decode_start=starts[looped],
             decode_seq_lens=step.seq_lens[looped:],
             decode_block_tables=step.block_tables[looped:],
             decode_max_len=max(inputs.seq_lens[looped:], default=0),
             use_triton=self.use_triton,
+            cascade=cascade,
         )
         self.cache.slot_mapping = step.slot_mapping
         out = self.model(input_ids=step.token_ids[None], position_ids=step.positions[None],
