@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    from predictor.cpu_quota import fit_threads_to_quota
     from predictor.serving import run_follower, serve
 
+    fit_threads_to_quota()  # a tensor-parallel rank has OMP_NUM_THREADS from its launcher
     if rank is None or rank.leads:
         return serve(settings, rank)
     return run_follower(settings, rank)
