@@ -284,3 +284,104 @@ def test_a_workload_with_shared_prefixes_hits_the_cache_under_preemption(async_s
     happened = serve_workload(workload, num_blocks=1 + 14, max_prefill_tokens=7, max_num_seqs=6,
                               async_scheduling=async_scheduling)
     assert happened["preempted"] > 0 and happened["cached"] > 0
+
+
+# ---- async scheduling: one step in flight, its tokens pending ----------------------------------------------
+
+
+def test_an_async_step_returns_the_previous_steps_tokens_and_computes_its_pending_ones_on_the_device():
+    runner = FakeRunner()
+    engine = core(num_blocks=100, runner=runner, async_scheduling=True)
+    seq = request(0, [5, 6, 7], max_new_tokens=4)
+    engine.add(seq)
+    expected = expected_output([5, 6, 7], 4)
+    outputs, started = engine.step()  # the prompt: its first token is drawn, not yet seen
+    assert (outputs, started) == ([], [seq])
+    assert seq.output_token_ids == [] and seq.num_pending == 1 and seq.num_tokens == 4 and engine.has_work
+    for count in (1, 2, 3):
+        outputs, _ = engine.step()  # the pending token is computed while the one before it is resolved
+        assert [(o.token, o.finish_reason) for o in outputs] == [(expected[count - 1], None)]
+        step = runner.steps[-1]
+        assert step.token_ids == [0] and step.placeholders.indices == [0] and step.placeholders.sources == [0]
+        assert seq.output_token_ids == expected[:count]
+        assert seq.num_pending == (1 if count < 3 else 0)  # the 4th token ends it by length: nothing more to compute
+    outputs, _ = engine.step()  # nothing to launch; the last step is resolved
+    assert [(o.token, o.finish_reason) for o in outputs] == [(expected[3], "length")]
+    assert not engine.has_work and len(runner.steps) == 4 and engine.blocks.num_free == 99
+
+
+def test_a_stop_token_under_async_scheduling_wastes_one_row_and_nothing_else():
+    stop_at = expected_output([5], 3)[-1]
+    computed = {}
+    for async_scheduling in (False, True):
+        runner = FakeRunner()
+        engine = core(num_blocks=100, runner=runner, async_scheduling=async_scheduling)
+        stopped, other = request(0, [5], max_new_tokens=10), request(1, [8, 9], max_new_tokens=10)
+        stopped.stop_ids = frozenset({EOS, stop_at})
+        finished = run(engine, [stopped, other])
+        assert finished == {0: (expected_output([5], 3), "stop"), 1: (expected_output([8, 9], 10), "length")}
+        assert engine.blocks.num_free == 99 and engine.sampler._free_rows.__len__() == 8
+        computed[async_scheduling] = sum(len(step.token_ids) for step in runner.steps)
+    assert computed[True] == computed[False] + 1  # the row after the stop token, dropped
+
+
+def test_blocks_that_pending_tokens_complete_are_cached_once_the_tokens_are_known(async_scheduling):
+    runner = AttendingRunner(block_size=4)
+    engine = core(num_blocks=100, runner=runner, async_scheduling=async_scheduling)
+    runner.check = lambda inputs: assert_writes_only_private_blocks(engine.blocks, inputs)
+    first = request(0, [5, 6, 7], max_new_tokens=14)  # 17 tokens: four full blocks, three of them of output
+    run(engine, [first])
+    follow_up = request(1, [5, 6, 7, *first.output_token_ids[:13]], max_new_tokens=3)  # 16 tokens: four blocks
+    finished = run(engine, [follow_up])
+    assert finished == {1: (expected_after(follow_up.prompt_token_ids, 3), "length")}
+    assert follow_up.num_cached_tokens == 12  # all but the block holding its last token, output blocks included
+
+
+def test_a_sequence_aborted_while_its_token_is_drawn_gets_nothing_more(async_scheduling):
+    engine = core(num_blocks=1 + 20, async_scheduling=async_scheduling)
+    kept, aborted = request(0, [3] * 6, max_new_tokens=6), request(1, [4] * 6, max_new_tokens=6)
+    engine.add(kept)
+    engine.add(aborted)
+    engine.step()
+    engine.step()
+    assert engine.abort(aborted.id) is aborted and aborted.block_table == [] and aborted.sampler_row is None
+    seen = []
+    while engine.has_work:
+        seen += [o.seq.id for o in engine.step()[0]]
+    assert 1 not in seen and aborted.output_token_ids == expected_output([4] * 6, 6)[: aborted.num_generated]
+    assert kept.output_token_ids == expected_output([3] * 6, 6) and engine.blocks.num_free == 20
+
+
+class ScoringRunner(FakeRunner):
+    """Soft logits over the whole vocabulary (EOS's fixed): penalties and min_new_tokens change what a greedy row
+    picks, so that a count off by the pending token changes the output."""
+
+    def __init__(self, eos_logit: float):
+        super().__init__()
+        self.eos_logit = eos_logit
+
+    def execute(self, inputs: ModelInputs) -> torch.Tensor:
+        self.steps.append(inputs)
+        token_ids = device_token_ids(inputs)
+        logits = torch.zeros(len(inputs.sample_indices), VOCAB)
+        for row, index in enumerate(inputs.sample_indices):
+            token, position = token_ids[index], inputs.positions[index]
+            logits[row] = torch.tensor([((token * 7 + position + v * 13) % 17) / 4.0 for v in range(VOCAB)])
+            logits[row, EOS] = self.eos_logit
+        return logits
+
+
+@pytest.mark.parametrize("params, eos_logit", [(dict(frequency_penalty=0.6), -10.0),
+                                               (dict(presence_penalty=1.0, repetition_penalty=1.3), -10.0),
+                                               (dict(min_new_tokens=6), 10.0)])
+def test_penalties_and_min_new_tokens_count_pending_tokens(params, eos_logit):
+    prompts = [[5, 6, 7], [9] * 5, [11]]
+    results = {}
+    for async_scheduling in (False, True):
+        engine = core(num_blocks=100, runner=ScoringRunner(eos_logit), async_scheduling=async_scheduling)
+        results[async_scheduling] = run(engine, [request(i, p, max_new_tokens=10, **params)
+                                                 for i, p in enumerate(prompts)])
+    plain = run(core(num_blocks=100, runner=ScoringRunner(eos_logit)), [request(i, p, max_new_tokens=10)
+                                                                         for i, p in enumerate(prompts)])
+    assert all(results[True][i] != plain[i] for i in plain)  # the parameters matter to every sequence
+    assert results[True] == results[False]
