@@ -32,7 +32,7 @@ REPLY_FORMAT = {"type": "json_schema", "json_schema": {"name": "reply", "schema"
 
 @pytest.fixture(scope="module")
 def async_server(tiny_llama, tmp_path_factory):
-    # 14 usable blocks (224 tokens) for 8 sequences that end at 284 tokens together: they cannot all be held
+    # 14 usable blocks (224 tokens) for 8 sequences that end at 296 tokens together: they cannot all be held
     running = start(tiny_llama, tmp_path_factory.mktemp("logs") / "async.log", "--async_scheduling",
                     "--max_num_seqs=8", "--max_queue=64", "--max_model_len=128",
                     f"--kv_cache_bytes={15 * KV_BLOCK_BYTES}")
