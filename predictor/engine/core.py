@@ -122,6 +122,8 @@ class EngineCore:
             chunk.seq.num_computed = chunk.end
             self.blocks.mark_computed(chunk.seq, chunk.start, chunk.end)
         sampling = [c.seq for c in chunks if c.samples]
+        if not sampling:  # prompt chunks only
+            return LaunchedStep([], output=SamplerOutput([], [])), started
         for seq in sampling:
             if seq.sampler_row is None:
                 self.sampler.add(seq)
