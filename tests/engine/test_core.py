@@ -371,6 +371,16 @@ class ScoringRunner(FakeRunner):
         return logits
 
 
+def test_seeded_sampling_draws_the_same_tokens_async():
+    def sampled(async_scheduling: bool) -> dict:
+        engine = core(num_blocks=100, runner=ScoringRunner(eos_logit=-10.0), async_scheduling=async_scheduling)
+        seqs = [Sequence(i, p, SamplingParams(temperature=1.5, top_p=0.95, max_new_tokens=10, seed=7 + i),
+                         frozenset({EOS})) for i, p in enumerate(PROMPTS)]
+        return run(engine, seqs)
+
+    assert sampled(True) == sampled(False)
+
+
 @pytest.mark.parametrize("params, eos_logit", [(dict(frequency_penalty=0.6), -10.0),
                                                (dict(presence_penalty=1.0, repetition_penalty=1.3), -10.0),
                                                (dict(min_new_tokens=6), 10.0)])
