@@ -197,7 +197,7 @@ class EngineCore:
     def _resolve(self, launched: LaunchedStep) -> list[SequenceOutput]:
         """The step's tokens on the host (waiting for the device if they are still being drawn), each sequence
         updated: its token appended, finished on a stop token, at its length or on an error."""
-        sampled = launched.output or self.sampler.resolve(launched.draw)
+        sampled = launched.output if launched.output is not None else self.sampler.resolve(launched.draw)
         pending = launched.pending or [False] * len(launched.seqs)
         outputs = []
         for seq, token, logprob, was_pending in zip(launched.seqs, sampled.tokens, sampled.logprobs, pending,

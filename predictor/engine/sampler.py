@@ -10,6 +10,10 @@ Sampling is total: work is in float32, temperature and penalties are clamped awa
 likely token always survives top-p and typical-p, and a row whose distribution still vanishes falls back to its
 argmax. A row whose model logits hold NaN comes back as FAILED, so that one request ends and the batch goes on,
 as does a constrained row left with no token both its grammar and the model allow.
+
+draw() does the device's part without making the host wait (the tokens stay on the device for async scheduling's
+next step, and start their copy to the host); resolve() waits for them and does the host's part (grammars,
+logprobs); sample() is both.
 """
 
 from __future__ import annotations
