@@ -395,3 +395,46 @@ def test_penalties_and_min_new_tokens_count_pending_tokens(params, eos_logit):
                                                                          for i, p in enumerate(prompts)])
     assert all(results[True][i] != plain[i] for i in plain)  # the parameters matter to every sequence
     assert results[True] == results[False]
+
+
+def test_a_sequence_preempted_while_its_stop_token_is_drawn_finishes_from_the_queue():
+    """Four blocks of 4 tokens: at the fifth step the older sequence needs a third block and the newer one is
+    preempted, while the token it drew the step before, its stop token, is still pending."""
+    engine = core(num_blocks=1 + 4, async_scheduling=True)
+    older, newer = request(0, [5, 6, 7, 8], max_new_tokens=8), request(1, [9, 10, 11, 12], max_new_tokens=8)
+    drawn = expected_output(newer.prompt_token_ids, 5)
+    assert drawn[-1] not in drawn[:-1]
+    newer.stop_ids = frozenset({EOS, drawn[-1]})
+    preempted = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        step = schedule()
+        preempted.extend((seq.id, seq.num_pending) for seq in step.preempted)
+        return step
+
+    engine.scheduler.schedule = recording_schedule
+    finished = run(engine, [older, newer])
+    assert preempted == [(1, 1)]
+    assert finished == {0: (expected_output(older.prompt_token_ids, 8), "length"), 1: (drawn, "stop")}
+    assert not engine.scheduler.waiting and engine.blocks.num_free == 4
+
+
+def test_a_step_with_logprobs_is_resolved_at_once_and_the_rest_stay_asynchronous():
+    def served(async_scheduling: bool):
+        runner = ScoringRunner(eos_logit=-10.0)
+        engine = core(num_blocks=100, runner=runner, async_scheduling=async_scheduling)
+        seqs = [request(0, [5, 6, 7], max_new_tokens=4, logprobs=2), request(1, [9] * 5, max_new_tokens=10)]
+        for seq in seqs:
+            engine.add(seq)
+        logprobs = []
+        while engine.has_work:
+            logprobs += [(o.seq.id, o.logprob) for o in engine.step()[0] if o.logprob is not None]
+        return [s.output_token_ids for s in seqs], logprobs, runner.steps
+
+    sync_tokens, sync_logprobs, _ = served(False)
+    tokens, logprobs, steps = served(True)
+    assert (tokens, logprobs) == (sync_tokens, sync_logprobs) and len(logprobs) == 4
+    with_placeholders = [bool(step.placeholders) for step in steps]
+    # four synchronous steps with the logprobs row; the fifth is deferred, and the sixth on takes its tokens
+    assert with_placeholders == [False] * 5 + [True] * (len(steps) - 5)

@@ -16,7 +16,7 @@ from transformers import (
 
 from predictor.engine.core import EngineCore
 from predictor.engine.cuda_graphs import graph_batch_sizes
-from predictor.engine.model_inputs import ModelInputs
+from predictor.engine.model_inputs import ModelInputs, Placeholders
 from predictor.engine.model_runner import ModelRunner
 from predictor.engine.sampling_params import SamplingParams
 from predictor.engine.sequence import Sequence
@@ -125,6 +125,12 @@ def test_model_inputs_round_trip_through_one_tensor():
     assert again.token_ids == inputs.token_ids and again.slot_mapping == inputs.slot_mapping
     assert again.block_tables == [[1, 0], [2, 3]]  # padded to one width; the lengths bound what is read
     assert (again.num_prefills, again.num_decodes, again.query_starts) == (1, 1, [0, 3, 4])
+
+
+def test_placeholders_take_the_previous_steps_tokens_and_a_failed_one_as_0():
+    token_ids = torch.tensor([5, 0, 6, 0, 0])
+    Placeholders([1, 3, 4], [2, 0, 1], torch.tensor([7, -1, 9])).fill(token_ids)
+    assert token_ids.tolist() == [5, 9, 6, 7, 0]
 
 
 def test_kv_cache_shape_is_what_the_model_caches():
