@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     async_scheduling: bool = Field(
         False, description="Overlap the host's work for the next engine step (scheduling, building its inputs) with "
         "the device's for this one; the next step takes the tokens this one samples on the device (vLLM's flag). "
-        "Steps of requests with structured output or logprobs stay synchronous. Off by default: it has not yet "
-        "run on a GPU. Not with tensor_parallel_size > 1."
+        "Steps with a request held to structured output stay synchronous. Off by default: it has not yet run on a "
+        "GPU. Not with tensor_parallel_size > 1."
     )
     max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step, and "
                                     "embedding tokens (padded) computed between two steps.")

@@ -10,8 +10,8 @@ gets a pending token (Sequence.num_pending): it counts in the sequence's length,
 in on the device from N's sampled tokens (model_inputs.Placeholders). A sequence that N ends (a stop token, an
 error) wasted a row of N+1, dropped when N+1 is resolved; one that N ends by length gets no pending token, so
 nothing more is computed for it. Where the host must see a step's tokens before the next step can be built, that
-step is resolved at once (synchronously), as every step is with async scheduling off: a sequence held to a grammar
-(its next mask follows from this token), one that asked for logprobs (computed on the host from the logits).
+step is resolved at once (synchronously), as every step is with async scheduling off: a step with a sequence held
+to a grammar (its next mask follows from this token).
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ class EngineCore:
 
     def _can_defer(self, seqs: list[Sequence]) -> bool:
         """Whether the step's tokens may stay on the device while the next step is built: not where the host needs
-        them first (a grammar's next mask) or computes from the logits (logprobs)."""
-        return self.async_scheduling and all(s.grammar is None and s.params.logprobs is None for s in seqs)
+        them first (a grammar's next mask follows from the token)."""
+        return self.async_scheduling and all(s.grammar is None for s in seqs)
 
     def _defer(self, seqs: list[Sequence], draw: Draw) -> LaunchedStep:
         """Give each sequence that goes on past this token a pending one, for the next step to compute."""

@@ -41,14 +41,24 @@ class SamplerOutput:
 
 
 @dataclass
+class Logprobs:
+    """The log-probabilities the rows that asked get, in host memory once the draw's copy is complete."""
+
+    rows: list[int]
+    chosen: torch.Tensor  # [R]: of the drawn token (meaningless where it FAILED: that row reports none)
+    top_values: torch.Tensor | None  # [R, most asked], None when no row asked for alternatives
+    top_ids: torch.Tensor | None
+
+
+@dataclass
 class Draw:
     """A batch's tokens drawn on the device, on their way to the host: Sampler.resolve waits for them."""
 
     seqs: list[Sequence]
     tokens: torch.Tensor  # [B] int64 on the device; FAILED where the model's logits were not numbers
     host_tokens: torch.Tensor  # their copy in host memory, complete once `copied` has happened
-    copied: torch.cuda.Event | None  # None on the CPU, where the copy is the tensor itself
-    raw: torch.Tensor | None  # the model's float32 logits, kept for the rows that asked for logprobs
+    copied: torch.cuda.Event | None  # None on the CPU, where the copies are the tensors themselves
+    logprobs: Logprobs | None  # of the rows that asked, copied with the tokens
     constrained: list[tuple[int, object]]  # (row, grammar matcher) of the rows held to a grammar
     dead_ends: torch.Tensor | None  # [B] bool: rows whose grammar allows nothing the model does
 
@@ -135,10 +145,13 @@ class Sampler:
         tokens = torch.where(failed, FAILED, tokens)
         if penalized:
             self._count(tokens, seqs)
-        host_tokens, copied = _to_host(tokens)
-        wants_logprobs = any(p.logprobs is not None for p in params)
-        return Draw(seqs, tokens, host_tokens, copied, raw if wants_logprobs else None, constrained,
-                    dead_ends if constrained else None)
+        logprobs = self._logprobs(raw, seqs, tokens)
+        on_device = [tokens] + ([logprobs.chosen, logprobs.top_values, logprobs.top_ids] if logprobs else [])
+        host, copied = _to_host([t for t in on_device if t is not None])
+        if logprobs is not None:
+            logprobs.chosen, *top = host[1:]
+            logprobs.top_values, logprobs.top_ids = top or (None, None)
+        return Draw(seqs, tokens, host[0], copied, logprobs, constrained, dead_ends if constrained else None)
 
     def resolve(self, draw: Draw) -> SamplerOutput:
         """The drawn tokens on the host (waiting for the device to have sampled them), grammars advanced, and the
@@ -153,8 +166,7 @@ class Sampler:
                 if dead[row] or (token_list[row] != FAILED and not matcher.accept(token_list[row])):
                     seqs[row].error = GRAMMAR_DEAD_END
                     token_list[row] = FAILED
-        logprobs = self._logprobs(draw.raw, seqs, token_list) if draw.raw is not None else [None] * len(seqs)
-        return SamplerOutput(token_list, logprobs)
+        return SamplerOutput(token_list, _token_logprobs(draw.logprobs, seqs, token_list))
 
     def _mask(self, scores: torch.Tensor) -> BatchMask:
         if self._grammar_mask is None:
@@ -246,23 +258,18 @@ class Sampler:
         sampler_rows = self._upload([seqs[i].sampler_row for i in rows])
         counts.index_put_((sampler_rows, chosen.clamp(min=0)), kept.to(counts.dtype), accumulate=True)
 
-    def _logprobs(self, raw: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
-        """Log-probabilities under the model's own (unprocessed) distribution, for the rows that asked."""
-        result: list[TokenLogprob | None] = [None] * len(seqs)
-        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] != FAILED]
+    def _logprobs(self, raw: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor) -> Logprobs | None:
+        """Log-probabilities under the model's own (unprocessed) distribution, for the rows that asked, on the
+        device."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if not rows:
-            return result
-        log_probs = torch.log_softmax(raw[torch.tensor(rows, device=self.device)], dim=-1)
-        chosen = log_probs.gather(1, torch.tensor([[tokens[r]] for r in rows], device=self.device))[:, 0].tolist()
+            return None
+        index = self._upload(rows)
+        log_probs = torch.log_softmax(raw[index], dim=-1)
+        chosen = log_probs.gather(1, tokens[index].clamp(min=0)[:, None])[:, 0]
         most = max(seqs[r].params.logprobs for r in rows)
         top_values, top_ids = log_probs.topk(most, dim=-1) if most else (None, None)
-        top_values = top_values.tolist() if most else None
-        top_ids = top_ids.tolist() if most else None
-        for i, row in enumerate(rows):
-            k = seqs[row].params.logprobs
-            top = list(zip(top_ids[i][:k], top_values[i][:k])) if k else []
-            result[row] = TokenLogprob(tokens[row], chosen[i], top)
-        return result
+        return Logprobs(rows, chosen, top_values, top_ids)
 
     def _upload(self, values: list) -> torch.Tensor:
         return upload(torch.tensor(values), self.device)
@@ -271,13 +278,29 @@ class Sampler:
         return upload(torch.tensor(values, dtype=torch.float32), self.device)[:, None]
 
 
-def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """tokens copied to page-locked host memory without waiting, and the event after which the copy is complete:
+def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """tensors copied to page-locked host memory without waiting, and the event after which the copies are complete:
     waiting for it waits for this step's sampling only, not for a step launched after it (async scheduling)."""
-    if not tokens.is_cuda:
-        return tokens, None
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
+    if not tensors[0].is_cuda:
+        return tensors, None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
     copied = torch.cuda.Event()
     copied.record()
     return host, copied
+
+
+def _token_logprobs(logprobs: Logprobs | None, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Each row's TokenLogprob, for the rows that asked and got a token."""
+    result: list[TokenLogprob | None] = [None] * len(seqs)
+    if logprobs is None:
+        return result
+    chosen = logprobs.chosen.tolist()
+    top_values = logprobs.top_values.tolist() if logprobs.top_values is not None else None
+    top_ids = logprobs.top_ids.tolist() if logprobs.top_ids is not None else None
+    for i, row in enumerate(logprobs.rows):
+        if tokens[row] == FAILED:
+            continue
+        k = seqs[row].params.logprobs
+        top = list(zip(top_ids[i][:k], top_values[i][:k])) if k else []
+        result[row] = TokenLogprob(tokens[row], chosen[i], top)
+    return result

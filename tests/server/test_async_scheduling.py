@@ -1,7 +1,7 @@
 """A server started with --async_scheduling (the next step built while this one runs): clients get what
 model.generate gives (greedy, fp32) and what the synchronous server gives, through batching, stops mid-batch,
-n > 1, a prefix-cache hit, a KV cache smaller than the batch, a client that leaves mid-stream, penalties and
-structured output in the same batch."""
+n > 1, a prefix-cache hit, a KV cache smaller than the batch, a client that leaves mid-stream, penalties, logprobs
+and structured output in the same batch."""
 
 from __future__ import annotations
 
@@ -84,14 +84,17 @@ def test_stop_tokens_mid_batch_n_choices_and_a_prefix_cache_hit(async_server, re
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
 
-def test_penalties_and_structured_output_in_the_batch_give_what_the_synchronous_server_gives(async_server, server):
+def test_penalties_logprobs_and_structured_output_give_what_the_synchronous_server_gives(async_server, server):
     bodies = [{"prompt": p, "max_tokens": 24, "temperature": 0, "frequency_penalty": 0.8, "presence_penalty": 0.5,
                "repetition_penalty": 1.3} for p in PROMPTS[:4]]
     bodies.append({"prompt": "Reply in JSON:", "max_tokens": 40, "temperature": 0, "response_format": REPLY_FORMAT})
-    bodies.append({"prompt": PROMPTS[5], "max_tokens": 24, "temperature": 0})
+    bodies.append({"prompt": PROMPTS[5], "max_tokens": 24, "temperature": 0, "logprobs": 2})
     got, expected = completions(async_server, bodies), completions(server, bodies)
     assert [r["choices"][0]["text"] for r in got] == [r["choices"][0]["text"] for r in expected]
     assert set(json.loads(got[4]["choices"][0]["text"])) == {"answer"}
+    logprobs, expected_logprobs = got[5]["choices"][0]["logprobs"], expected[5]["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == expected_logprobs["tokens"] and len(logprobs["top_logprobs"]) == 24
+    assert logprobs["token_logprobs"] == pytest.approx(expected_logprobs["token_logprobs"], abs=1e-4)
 
 
 def test_a_client_leaving_mid_stream_frees_its_sequence_and_the_others_go_on(async_server, reference):
