@@ -3,13 +3,16 @@
 #   1. the GPU tests (pytest -m gpu tests/engine): bf16 parity with generate, CUDA-graph replay against eager
 #      (fp32 exact, bf16), preemption, graph memory (buckets stop at 512), the worst step's memory, and the server
 #      on CUDA: graphs captured and budgeted, forced fallbacks (Triton unable to build its launcher: CC=/bin/false
-#      with an empty TRITON_CACHE_DIR; a failed capture: PREDICTOR_FAIL_GRAPH_CAPTURE=1) serving eagerly;
+#      with an empty TRITON_CACHE_DIR; a failed capture: PREDICTOR_FAIL_GRAPH_CAPTURE=1) serving eagerly; async
+#      scheduling: fp32 parity with generate (eager and graphs, through preemption), decode steps launched without
+#      the host waiting for the device (torch's sync debug mode), and a server started with --async_scheduling;
 #   2. the kernel microbenchmark, if predictor/tools/bench/kernel.py exists;
 #   3. the benchmark of both shapes (TinyLlama first, the slow Llama-2-7B last): 128-token prompts, 128 new
 #      tokens, 1 and 64 streams, then 64 sampling. Targets: 7B >= 125 tok/s at 1 stream, >= 5,200 at 64;
-#      TinyLlama >= 360 / >= 9,900.
+#      TinyLlama >= 360 / >= 9,900. Each shape twice: synchronous steps, then --async_scheduling (bench-<shape>-
+#      async.txt; compare its tok/s and ITL with the synchronous run's); a run that no longer fits is skipped.
 # Results in $OUT (at most 8 files come back): summary.txt (GPU, test outcome, what the servers logged about
-# graphs and KV memory, the bench tables), gpu-tests.txt, kernel-bench.txt, bench-<shape>.txt, and everything
+# graphs and KV memory, the bench tables), gpu-tests.txt, kernel-bench.txt, bench-<shape>[-async].txt, and everything
 # else (bench results, server logs) in device-check.tar.gz.
 #
 # The device machine has torch + CUDA + triton, not our other packages, and no network. Before the call, here:
@@ -54,15 +57,20 @@ fi
 
 if [ "$what" != tests ]; then
   for shape in $shapes; do
-    [ "$(left)" -gt 60 ] || { note "!! no time left for the $shape bench"; continue; }
-    timeout "$(left)" python3 -m predictor bench --device cuda --dtype bfloat16 --shape "$shape" --concurrency 1,64 \
-      --prompt_tokens 128 --max_tokens 128 --max_num_seqs 256 --max_model_len 2048 --baseline_requests 1 \
-      --sampled --results_dir "$work/bench-$shape" --models_dir /tmp/bench-models > "$work/bench-$shape.txt" 2>&1
-    note "== bench $shape (exit $?)"
-    grep -hE "CUDA graphs|CUDA memory|KV cache \(" "$work/bench-$shape"/*/server.log 2>/dev/null | cut -c1-400 \
-      >> "$summary"
-    tail -30 "$work/bench-$shape.txt" >> "$summary"
-    cp "$work/bench-$shape.txt" "$out/"
+    for mode in sync async; do
+      name=bench-$shape; flags=()
+      [ "$mode" = async ] && { name=bench-$shape-async; flags=(--server_args=--async_scheduling); }
+      [ "$(left)" -gt 60 ] || { note "!! no time left for $name"; continue; }
+      timeout "$(left)" python3 -m predictor bench --device cuda --dtype bfloat16 --shape "$shape" \
+        --concurrency 1,64 --prompt_tokens 128 --max_tokens 128 --max_num_seqs 256 --max_model_len 2048 \
+        --baseline_requests 1 --sampled ${flags[@]+"${flags[@]}"} --results_dir "$work/$name" --models_dir /tmp/bench-models \
+        > "$work/$name.txt" 2>&1
+      note "== $name (exit $?)"
+      grep -hE "CUDA graphs|CUDA memory|KV cache \(|async scheduling" "$work/$name"/*/server.log 2>/dev/null \
+        | cut -c1-400 >> "$summary"
+      tail -30 "$work/$name.txt" >> "$summary"
+      cp "$work/$name.txt" "$out/"
+    done
   done
 fi
 tar czf "$out/device-check.tar.gz" -C "$work" . 2>/dev/null

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         False, description="CUDA: capture no CUDA graphs; every step runs eagerly (vLLM's flag). Graphs replay "
         "decode-only steps of up to 512 sequences; their memory comes out of the KV cache's budget."
     )
+    async_scheduling: bool = Field(
+        False, description="Overlap the host's work for the next engine step (scheduling, building its inputs) with "
+        "the device's for this one; the next step takes the tokens this one samples on the device (vLLM's flag). "
+        "Steps with a request held to structured output stay synchronous. Off by default: it has not yet run on a "
+        "GPU. Not with tensor_parallel_size > 1."
+    )
     max_prefill_tokens: int = Field(2048, ge=16, description="Prompt tokens prefilled per engine step, and "
                                     "embedding tokens (padded) computed between two steps.")
     enable_prefix_caching: bool = Field(
@@ -147,6 +153,14 @@ class Settings(BaseSettings):
             raise ValueError(f"must be {ALL_INTERFACES} with enable_grpc: KServe's gRPC server always listens on "
                              "every interface")
         return host
+
+    @field_validator("async_scheduling")
+    @classmethod
+    def _single_rank_async_scheduling(cls, on: bool, info: ValidationInfo) -> bool:
+        if on and info.data.get("tensor_parallel_size", 1) > 1:
+            raise ValueError("needs tensor_parallel_size 1: the other ranks would need the sampled tokens that only "
+                             "the first rank holds")
+        return on
 
     @field_validator("api_key_file")
     @classmethod

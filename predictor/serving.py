@@ -99,8 +99,11 @@ def build_service(settings: Settings, loaded: Loaded) -> GenerationService:
     runner = LeaderRunner(loaded.runner, loaded.control) if loaded.control else loaded.runner
     core = EngineCore(runner, num_blocks=loaded.kv_cache.num_blocks, block_size=loaded.kv_cache.block_size,
                       max_num_seqs=settings.max_num_seqs, max_prefill_tokens=settings.max_prefill_tokens,
-                      max_model_len=loaded.max_model_len, enable_prefix_caching=settings.enable_prefix_caching)
+                      max_model_len=loaded.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
+                      async_scheduling=settings.async_scheduling)
     logger.info("prefix caching is %s", "on" if settings.enable_prefix_caching else "off")
+    if settings.async_scheduling:
+        logger.info("async scheduling is on: the next step is built while the device runs this one")
     eos_token_ids = loader.eos_token_ids(loaded.model_dir, tokenizer, loaded.config)
     engine = Engine(
         core,

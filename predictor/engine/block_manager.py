@@ -85,7 +85,7 @@ class BlockManager:
         if not self.enable_caching:
             return NO_HIT
         blocks, revived = [], 0
-        for block_hash in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
+        for block_hash in self._hashes(seq, (seq.num_known_tokens - 1) // self.block_size):
             block = self._registered.get(block_hash)
             if block is None:
                 break
@@ -110,10 +110,12 @@ class BlockManager:
 
     def mark_computed(self, seq: Sequence, start: int, end: int) -> None:
         """Tokens [start, end) of seq now have their keys and values in its blocks: the blocks they filled up
-        become shareable."""
+        become shareable. Only known tokens are hashed: a block that a pending token (async scheduling) completes
+        is marked when that token is known."""
         if not self.enable_caching:
             return
         size = self.block_size
+        end = min(end, seq.num_known_tokens)
         hashes = self._hashes(seq, end // size)
         for index in range(start // size, end // size):
             block = self._blocks[seq.block_table[index]]
@@ -128,7 +130,7 @@ class BlockManager:
             block = self._allocate()
             seq.block_table.append(block.id)
             index = len(seq.block_table) - 1
-            if self.enable_caching and (index + 1) * self.block_size <= seq.num_tokens:
+            if self.enable_caching and (index + 1) * self.block_size <= seq.num_known_tokens:
                 # its tokens are known: registered now, so that a sequence beginning the same way waits for it
                 self._register(block, self._hashes(seq, index + 1)[index])
 

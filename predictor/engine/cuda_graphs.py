@@ -149,6 +149,8 @@ class DecodeGraphs:
         rows = [*inputs.token_ids, *[0] * pad, *inputs.positions, *[0] * pad,
                 *inputs.slot_mapping, *[self.scratch_slot] * pad, *inputs.seq_lens, *[0] * pad]
         copy_to_device(self.inputs[: ROWS * size], torch.tensor(rows, dtype=torch.int64))
+        if inputs.placeholders is not None:
+            inputs.placeholders.fill(self._bucket(size)[0])
         width = inputs.table_width  # columns past a row's length, and rows past the batch, are never read
         tables = [[*table, *[0] * (width - len(table))] for table in inputs.block_tables]
         copy_to_device(self.block_tables[:batch, :width], torch.tensor(tables, dtype=torch.int64))

@@ -20,6 +20,9 @@ class ModelInputs:
     seq_lens: list[int]  # [S] context length after this step
     block_tables: list[list[int]]  # [S] the blocks holding each sequence's context
     sample_indices: list[int]  # positions in T whose logits the step returns (a chunk's last token)
+    # Async scheduling: token ids the host does not know yet, filled on the device. Not packed: tensor parallelism
+    # refuses async scheduling (its followers hold no sampled tokens).
+    placeholders: Placeholders | None = field(default=None, compare=False)
     _packed: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -62,6 +65,23 @@ class ModelInputs:
         ids, positions, slots, query_lens, seq_lens, flat_tables, sample_indices = fields
         tables = [flat_tables[i * width : (i + 1) * width] for i in range(seqs)]  # padded: lengths bound reads
         return cls(ids, positions, slots, query_lens, seq_lens, tables, sample_indices)
+
+
+@dataclass
+class Placeholders:
+    """Tokens of a step that the step before it sampled and the host has not seen yet (async scheduling): the step's
+    token_ids[indices] are sampled[sources], taken from the previous step's sampled tokens on the device, so that
+    the host need not wait for them."""
+
+    indices: list[int]  # positions in the step's T tokens (their host ids are placeholders)
+    sources: list[int]  # rows of sampled
+    sampled: torch.Tensor  # [rows] int64 on the device: the previous step's tokens, FAILED (-1) where it failed
+
+    def fill(self, token_ids: torch.Tensor) -> None:
+        """Write the tokens into a device tensor of the step's token ids. A failed row's token becomes 0: its
+        sequence ends when the host sees the failure, and an id of -1 would make the embedding read out of bounds."""
+        index, source = upload(torch.tensor([self.indices, self.sources]), token_ids.device)
+        token_ids[index] = self.sampled[source].clamp(min=0)
 
 
 def copy_to_device(destination: torch.Tensor, host: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ graph captured for the smallest batch-size bucket that holds it (cuda_graphs.py;
 whether there are graphs); everything else runs eagerly, which is all there is on the CPU. Other models (Falcon)
 attend with their own code over gathered context and a 4D mask, in two forwards when a step has both prefills and
 decodes. A step's inputs reach the device in one asynchronous copy; only the sampled rows' logits are computed.
+Under async scheduling, the tokens that the previous step is still sampling are filled in on the device
+(model_inputs.Placeholders), on every path.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class ModelRunner:
         if self.graphs is not None and inputs.num_prefills == 0 and self.graphs.fits(len(inputs.query_lens)):
             return self.graphs.replay(inputs)
         step = StepTensors.of(upload(inputs.pack(), self.device), inputs)
+        if inputs.placeholders is not None:
+            inputs.placeholders.fill(step.token_ids)
         if self.paged:
             return self._forward_paged(inputs, step)
         return self._forward_masked(inputs, step)

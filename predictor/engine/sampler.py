@@ -10,6 +10,10 @@ Sampling is total: work is in float32, temperature and penalties are clamped awa
 likely token always survives top-p and typical-p, and a row whose distribution still vanishes falls back to its
 argmax. A row whose model logits hold NaN comes back as FAILED, so that one request ends and the batch goes on,
 as does a constrained row left with no token both its grammar and the model allow.
+
+draw() does the device's part without making the host wait (the tokens stay on the device for async scheduling's
+next step, and start their copy to the host); resolve() waits for them and does the host's part (grammars,
+logprobs); sample() is both.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from predictor.engine.model_inputs import upload
 from predictor.engine.sampling_params import TokenLogprob
 from predictor.engine.sequence import Sequence
 from predictor.engine.structured_output import BatchMask
@@ -33,6 +38,29 @@ GRAMMAR_DEAD_END = "no token that the structured output's grammar allows is poss
 class SamplerOutput:
     tokens: list[int]  # per row; FAILED where the model's logits were not numbers
     logprobs: list[TokenLogprob | None]  # per row, for the rows that asked
+
+
+@dataclass
+class Logprobs:
+    """The log-probabilities the rows that asked get, in host memory once the draw's copy is complete."""
+
+    rows: list[int]
+    chosen: torch.Tensor  # [R]: of the drawn token (meaningless where it FAILED: that row reports none)
+    top_values: torch.Tensor | None  # [R, most asked], None when no row asked for alternatives
+    top_ids: torch.Tensor | None
+
+
+@dataclass
+class Draw:
+    """A batch's tokens drawn on the device, on their way to the host: Sampler.resolve waits for them."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [B] int64 on the device; FAILED where the model's logits were not numbers
+    host_tokens: torch.Tensor  # their copy in host memory, complete once `copied` has happened
+    copied: torch.cuda.Event | None  # None on the CPU, where the copies are the tensors themselves
+    logprobs: Logprobs | None  # of the rows that asked, copied with the tokens
+    constrained: list[tuple[int, object]]  # (row, grammar matcher) of the rows held to a grammar
+    dead_ends: torch.Tensor | None  # [B] bool: rows whose grammar allows nothing the model does
 
 
 class Sampler:
@@ -61,9 +89,9 @@ class Sampler:
             row = seq.sampler_row
             counts[row].zero_()
             seen[row].zero_()
-            seen[row, torch.tensor(seq.prompt_token_ids, device=self.device)] = True
+            seen[row, self._upload(seq.prompt_token_ids)] = True
             if seq.output_token_ids:
-                output = torch.tensor(seq.output_token_ids, device=self.device)
+                output = self._upload(seq.output_token_ids)
                 counts[row].index_add_(0, output, torch.ones_like(output, dtype=counts.dtype))
         if seq.grammar is not None:
             seq.matcher = seq.grammar.matcher(seq.output_token_ids, seq.params.max_new_tokens)
@@ -85,6 +113,12 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """The next token of each row of logits [B, V]; row i belongs to seqs[i]."""
+        return self.resolve(self.draw(logits, seqs))
+
+    def draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> Draw:
+        """The tokens of each row of logits [B, V], drawn on the device, the host not waiting for them (unless a
+        row is held to a grammar: its mask is built on the host). Penalties' token counts are updated on the
+        device, so that the next step's draw sees them before the host does."""
         params = [s.params for s in seqs]
         penalized = any(p.penalized for p in params)
         constrained = [(row, s.matcher) for row, s in enumerate(seqs) if s.matcher is not None]
@@ -111,14 +145,28 @@ class Sampler:
         tokens = torch.where(failed, FAILED, tokens)
         if penalized:
             self._count(tokens, seqs)
-        token_list = tokens.tolist()
-        if constrained:
-            dead = dead_ends.tolist()
-            for row, matcher in constrained:
+        logprobs = self._logprobs(raw, seqs, tokens)
+        on_device = [tokens] + ([logprobs.chosen, logprobs.top_values, logprobs.top_ids] if logprobs else [])
+        host, copied = _to_host([t for t in on_device if t is not None])
+        if logprobs is not None:
+            logprobs.chosen, *top = host[1:]
+            logprobs.top_values, logprobs.top_ids = top or (None, None)
+        return Draw(seqs, tokens, host[0], copied, logprobs, constrained, dead_ends if constrained else None)
+
+    def resolve(self, draw: Draw) -> SamplerOutput:
+        """The drawn tokens on the host (waiting for the device to have sampled them), grammars advanced, and the
+        logprobs of the rows that asked."""
+        if draw.copied is not None:
+            draw.copied.synchronize()
+        token_list = draw.host_tokens.tolist()
+        seqs = draw.seqs
+        if draw.constrained:
+            dead = draw.dead_ends.tolist()
+            for row, matcher in draw.constrained:
                 if dead[row] or (token_list[row] != FAILED and not matcher.accept(token_list[row])):
                     seqs[row].error = GRAMMAR_DEAD_END
                     token_list[row] = FAILED
-        return SamplerOutput(token_list, self._logprobs(raw, seqs, token_list))
+        return SamplerOutput(token_list, _token_logprobs(draw.logprobs, seqs, token_list))
 
     def _mask(self, scores: torch.Tensor) -> BatchMask:
         if self._grammar_mask is None:
@@ -127,7 +175,7 @@ class Sampler:
 
     def _penalize(self, scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         counts, seen = self._penalty_state()
-        rows = torch.tensor([s.sampler_row for s in seqs], device=self.device)
+        rows = self._upload([s.sampler_row for s in seqs])
         row_counts = counts[rows]
         occurred = row_counts > 0
         repetition = self._column([s.params.repetition_penalty for s in seqs]).clamp(*PENALTY_RANGE)
@@ -139,15 +187,16 @@ class Sampler:
         return scores - presence * occurred - frequency * row_counts
 
     def _early_stop_pairs(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
-        """(row, token) for the stop tokens (EOS, stop_token_ids) of rows still short of min_new_tokens; a row held
-        to a grammar can only take EOS once its output is complete, and then nothing else."""
+        """(row, token) for the stop tokens (EOS, stop_token_ids) of rows still short of min_new_tokens, counting
+        their pending tokens (async scheduling); a row held to a grammar can only take EOS once its output is
+        complete, and then nothing else."""
         return [(row, token) for row, s in enumerate(seqs)
-                if s.num_generated < s.params.min_new_tokens and s.matcher is None
+                if s.num_generated + s.num_pending < s.params.min_new_tokens and s.matcher is None
                 for token in s.stop_ids if token < self.vocab_size]
 
     def _ban_early_stops(self, scores: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
-        rows, tokens = torch.tensor(pairs, device=self.device).unbind(dim=1)
-        return scores.index_put((rows, tokens), torch.tensor(float("-inf"), device=self.device))
+        rows, tokens = self._upload(pairs).unbind(dim=1)
+        return scores.index_put((rows, tokens), torch.full((), float("-inf"), device=self.device))
 
     def _draw(self, scores: torch.Tensor, seqs: list[Sequence], greedy_tokens: torch.Tensor) -> torch.Tensor:
         params = [s.params for s in seqs]
@@ -162,14 +211,14 @@ class Sampler:
         drawn = (probs / noise).argmax(dim=-1)
         vanished = torch.isnan(probs).any(dim=-1)  # every score was -inf: nothing left to draw from
         drawn = torch.where(vanished, greedy_tokens, drawn)
-        greedy = torch.tensor([p.greedy for p in params], device=self.device)
+        greedy = self._upload([p.greedy for p in params])
         return torch.where(greedy, greedy_tokens, drawn)
 
     def _keep_top_k_and_top_p(self, scores: torch.Tensor, params) -> torch.Tensor:
         """Mask, in descending order, ranks past top_k and tokens past the top_p mass (the one crossing it stays)."""
         vocab = scores.shape[-1]
         sorted_scores, order = scores.sort(dim=-1, descending=True)
-        top_k = torch.tensor([p.top_k if p.top_k else vocab for p in params], device=self.device)
+        top_k = self._upload([p.top_k if p.top_k else vocab for p in params])
         ranks = torch.arange(vocab, device=self.device)
         drop = ranks[None, :] >= top_k[:, None]
         if any(p.top_p < 1.0 for p in params):
@@ -204,30 +253,54 @@ class Sampler:
     def _count(self, tokens: torch.Tensor, seqs: list[Sequence]) -> None:
         counts, _ = self._penalty_state()
         rows = [i for i, s in enumerate(seqs) if s.params.penalized]
-        index = torch.tensor(rows, device=self.device)
-        chosen = tokens[index]
-        kept = chosen != FAILED
-        sampler_rows = torch.tensor([seqs[i].sampler_row for i in rows], device=self.device)
-        counts.index_put_((sampler_rows[kept], chosen[kept]), torch.ones((), dtype=counts.dtype, device=self.device),
-                          accumulate=True)
+        chosen = tokens[self._upload(rows)]
+        kept = chosen != FAILED  # a failed row adds 0 (no boolean indexing: that would wait for the device)
+        sampler_rows = self._upload([seqs[i].sampler_row for i in rows])
+        counts.index_put_((sampler_rows, chosen.clamp(min=0)), kept.to(counts.dtype), accumulate=True)
 
-    def _logprobs(self, raw: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
-        """Log-probabilities under the model's own (unprocessed) distribution, for the rows that asked."""
-        result: list[TokenLogprob | None] = [None] * len(seqs)
-        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] != FAILED]
+    def _logprobs(self, raw: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor) -> Logprobs | None:
+        """Log-probabilities under the model's own (unprocessed) distribution, for the rows that asked, on the
+        device."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if not rows:
-            return result
-        log_probs = torch.log_softmax(raw[torch.tensor(rows, device=self.device)], dim=-1)
-        chosen = log_probs.gather(1, torch.tensor([[tokens[r]] for r in rows], device=self.device))[:, 0].tolist()
+            return None
+        index = self._upload(rows)
+        log_probs = torch.log_softmax(raw[index], dim=-1)
+        chosen = log_probs.gather(1, tokens[index].clamp(min=0)[:, None])[:, 0]
         most = max(seqs[r].params.logprobs for r in rows)
         top_values, top_ids = log_probs.topk(most, dim=-1) if most else (None, None)
-        top_values = top_values.tolist() if most else None
-        top_ids = top_ids.tolist() if most else None
-        for i, row in enumerate(rows):
-            k = seqs[row].params.logprobs
-            top = list(zip(top_ids[i][:k], top_values[i][:k])) if k else []
-            result[row] = TokenLogprob(tokens[row], chosen[i], top)
-        return result
+        return Logprobs(rows, chosen, top_values, top_ids)
+
+    def _upload(self, values: list) -> torch.Tensor:
+        return upload(torch.tensor(values), self.device)
 
     def _column(self, values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
+        return upload(torch.tensor(values, dtype=torch.float32), self.device)[:, None]
+
+
+def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """tensors copied to page-locked host memory without waiting, and the event after which the copies are complete:
+    waiting for it waits for this step's sampling only, not for a step launched after it (async scheduling)."""
+    if not tensors[0].is_cuda:
+        return tensors, None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
+def _token_logprobs(logprobs: Logprobs | None, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Each row's TokenLogprob, for the rows that asked and got a token."""
+    result: list[TokenLogprob | None] = [None] * len(seqs)
+    if logprobs is None:
+        return result
+    chosen = logprobs.chosen.tolist()
+    top_values = logprobs.top_values.tolist() if logprobs.top_values is not None else None
+    top_ids = logprobs.top_ids.tolist() if logprobs.top_ids is not None else None
+    for i, row in enumerate(logprobs.rows):
+        if tokens[row] == FAILED:
+            continue
+        k = seqs[row].params.logprobs
+        top = list(zip(top_ids[i][:k], top_values[i][:k])) if k else []
+        result[row] = TokenLogprob(tokens[row], chosen[i], top)
+    return result

@@ -89,7 +89,8 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        """seq is done; it may have been preempted since its last token was sampled (async scheduling)."""
+        (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
         self._finish(seq)
 
     def _finish(self, seq: Sequence) -> None:
@@ -104,7 +105,8 @@ class Scheduler:
             seq = self.running[index]
             todo = seq.num_tokens - seq.num_computed
             size = 1 if todo == 1 else min(todo, budget)
-            if size == 0:  # a prompt chunk with no budget left this step
+            if size == 0:  # a prompt chunk with no budget left this step, or (async scheduling) a sequence
+                # whose last token is being sampled: nothing of it is left to compute
                 index += 1
                 continue
             if not self._make_room(seq, seq.num_computed + size, step):

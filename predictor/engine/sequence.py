@@ -23,6 +23,9 @@ class Sequence:
     stop_ids: frozenset[int]
     stream: Any = None  # the front-end's handle for this request; the core only passes it along with events
     output_token_ids: list[int] = field(default_factory=list)
+    # Async scheduling: tokens sampled on the device that the host does not know yet. They count in num_tokens, so
+    # the scheduler computes the next one as a placeholder whose id the runner fills on the device.
+    num_pending: int = 0
     num_computed: int = 0  # leading tokens whose keys and values are in the KV cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far (the block manager's)
@@ -37,6 +40,11 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens whose ids the host has: the pending ones are not."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -44,7 +52,7 @@ class Sequence:
         return len(self.output_token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output."""
+        """Tokens [start, end) of prompt + output, all of them known (end <= num_known_tokens)."""
         prompt = self.prompt_token_ids
         if end <= len(prompt):
             return prompt[start:end]

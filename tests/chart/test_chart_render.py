@@ -234,6 +234,17 @@ def test_enforce_eager_is_passed_as_the_bare_flag_only_when_set():
     assert not any("enforce_eager" in a for a in container_of(ch.template(BASE))["args"])
 
 
+def test_async_scheduling_is_passed_as_the_bare_flag_only_when_set_and_refused_with_tensor_parallelism():
+    from predictor.config import load_settings
+
+    args = container_of(ch.template(BASE, overrides={"model": {"asyncScheduling": True}}))["args"]
+    assert "--async_scheduling" in args
+    assert load_settings([a for a in args if a.startswith("--")]).async_scheduling
+    assert not any("async_scheduling" in a for a in container_of(ch.template(BASE))["args"])
+    with pytest.raises(ch.HelmError, match="model.asyncScheduling needs a tensor parallel size of 1 \\(got 8\\)"):
+        ch.template("examples/llama-2-70b-2node.yaml", overrides={"model": {"asyncScheduling": True}})
+
+
 @pytest.mark.parametrize("grace, drain, torchrun", [(60, "45", "55"), (300, "285", "295"), (10, "1", "5")])
 def test_the_shutdown_timeouts_fit_the_termination_grace_period(grace, drain, torchrun):
     """Running requests get the grace period less 15 s: time to end the rest in their own shape and exit before

@@ -1,7 +1,8 @@
 """The engine on a CUDA device: bf16 greedy parity with generate, CUDA-graph replay equal to eager, preemption
 under memory pressure, the graphs' memory, the worst step's memory, the compiled decode kernels against SDPA
-(without recompiles, under graph capture), and the server's start-up on CUDA: graphs captured and budgeted, and
-the two forced fallbacks (a Triton that cannot build its launcher, a failed capture) serving eagerly. Skipped
+(without recompiles, under graph capture), async scheduling (parity, and decode steps launched without the host
+waiting for the device), and the server's start-up on CUDA: graphs captured and budgeted, the two forced fallbacks
+(a Triton that cannot build its launcher, a failed capture) serving eagerly, and --async_scheduling. Skipped
 without CUDA; run on the device with `pytest -m gpu` (build/device_check.sh)."""
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from servers import predictor_env, start
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from predictor.engine import triton_attention
+from predictor.engine.core import EngineCore
 from predictor.engine.cuda_graphs import FAIL_CAPTURE_ENV, DecodeGraphs, graph_batch_sizes
 from predictor.engine.fast_path import FastPath
 from predictor.engine.model_inputs import ModelInputs
 from predictor.engine.model_runner import ModelRunner
+from predictor.engine.sampling_params import SamplingParams
+from predictor.engine.sequence import Sequence
 
 from .test_model_runner import BLOCK, PROMPTS, generate, serve_greedy
 from .test_triton_attention import EAGER_STEPS, KERNELS, eager_step, gathered, paged_case
@@ -101,6 +105,57 @@ def test_preemption_under_memory_pressure_keeps_greedy_parity_in_fp32():
     expected = [generate(model, p, 40) for p in PROMPTS]
     tight, preempted = serve_greedy(runner_for(model, graphs=True, num_blocks=1 + 8), PROMPTS, 40, num_blocks=1 + 8)
     assert preempted > 0 and tight == expected
+
+
+# ---- async scheduling --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_async_scheduling_keeps_fp32_greedy_parity_through_preemption(graphs):
+    """The pending tokens are filled in on the device, into the eager step's inputs or the graphs' buffers."""
+    model = cuda_llama(torch.float32)
+    expected = [generate(model, p, 40) for p in PROMPTS]
+    runner = runner_for(model, graphs=graphs)
+    replayed = counting_replays(runner) if graphs else []
+    roomy, _ = serve_greedy(runner, PROMPTS, 40, num_blocks=64, async_scheduling=True)
+    tight, preempted = serve_greedy(runner_for(model, graphs=graphs, num_blocks=1 + 8), PROMPTS, 40,
+                                    num_blocks=1 + 8, async_scheduling=True)
+    assert roomy == tight == expected and preempted > 0
+    assert bool(replayed) == graphs
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_async_decode_steps_launch_without_waiting_for_the_device(bf16_llama, graphs):
+    """torch's sync debug mode raises on any operation that makes the host wait for the device (a pageable copy,
+    .item(), .tolist(), boolean indexing): steps of greedy, sampled and penalized rows must launch without one.
+    Waiting for the step before, in Sampler.resolve, is the one wait there is."""
+    runner = runner_for(bf16_llama, graphs=graphs)
+    core = EngineCore(runner, num_blocks=64, block_size=BLOCK, max_num_seqs=8, max_prefill_tokens=256,
+                      max_model_len=256, async_scheduling=True)
+    params = [SamplingParams(temperature=0, max_new_tokens=STEPS), SamplingParams(max_new_tokens=STEPS, seed=3),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=40, max_new_tokens=STEPS),
+              SamplingParams(temperature=0, frequency_penalty=0.5, repetition_penalty=1.2, max_new_tokens=STEPS)]
+    for i, p in enumerate(params):
+        core.add(Sequence(i, PROMPTS[i], p, frozenset({2})))
+    core.step()
+    core.step()  # the prompts, then the first decode: every row admitted
+    resolve = core.sampler.resolve
+
+    def resolve_may_wait(draw):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return resolve(draw)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    core.sampler.resolve = resolve_may_wait
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            core.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    while core.has_work:
+        core.step()
 
 
 # ---- the Triton decode kernels, compiled --------------------------------------------------------------------------
@@ -202,10 +257,10 @@ def test_the_worst_step_peaks_above_a_fresh_prompt_of_the_same_length():
 
 # ---- the server's start-up on CUDA -----------------------------------------------------------------------------
 
-def serve_and_check(tiny_llama, reference, log, env: dict) -> str:
+def serve_and_check(tiny_llama, reference, log, env: dict, *args: str) -> str:
     """Start the server on CUDA in fp32, check greedy parity with generate, return its log."""
     server = start(tiny_llama, log, "--device=cuda", "--dtype=float32", "--max_num_seqs=8", "--max_model_len=256",
-                   env=predictor_env(**env))
+                   *args, env=predictor_env(**env))
     try:
         assert httpx.get(f"{server.url}/v1/models/{server.model_name}", timeout=10).status_code == 200
         for prompt in SERVER_PROMPTS:
@@ -242,3 +297,8 @@ def test_a_failed_capture_on_cuda_serves_eagerly_with_the_kernel(tiny_llama, ref
     log = serve_and_check(tiny_llama, reference, tmp_path / "server.log", {FAIL_CAPTURE_ENV: "1"})
     (line,) = off_lines(log)
     assert "capturing the decode graph of batch size 8 failed" in line
+
+
+def test_the_server_with_async_scheduling_keeps_greedy_parity(tiny_llama, reference, tmp_path):
+    log = serve_and_check(tiny_llama, reference, tmp_path / "server.log", {}, "--async_scheduling")
+    assert "async scheduling is on" in log and not off_lines(log)

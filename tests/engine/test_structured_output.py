@@ -23,7 +23,7 @@ from predictor.engine.sampling_params import SamplingParams, StructuredOutput
 from predictor.engine.sequence import Sequence
 from predictor.engine.structured_output import ANY_JSON_OBJECT, Grammars, keep_only
 
-from .test_core import run
+from .test_core import device_token_ids, run
 
 EOS = 0
 VOCAB = ["</s>", "{", "}", '"', ":", ",", " ", "[", "]", ": ", ", ", "true", "false", "null", '{"', '": ', '", "',
@@ -48,9 +48,10 @@ class FakeRunner:
 
     def execute(self, inputs: ModelInputs) -> torch.Tensor:
         self.steps.append(inputs)
+        token_ids = device_token_ids(inputs)
         rows = []
         for index in inputs.sample_indices:
-            token, position = inputs.token_ids[index], inputs.positions[index]
+            token, position = token_ids[index], inputs.positions[index]
             scores = model_scores(token, position)
             if token == self.dead_row_token:
                 scores = torch.full((V,), float("-inf"))
@@ -73,9 +74,9 @@ def free_greedy(prompt: list[int], count: int) -> list[int]:
     return tokens[len(prompt):]
 
 
-def core(runner=None, num_blocks: int = 200) -> EngineCore:
+def core(runner=None, num_blocks: int = 200, async_scheduling: bool = False) -> EngineCore:
     return EngineCore(runner or FakeRunner(), num_blocks=num_blocks, block_size=4, max_num_seqs=8,
-                      max_prefill_tokens=64, max_model_len=128)
+                      max_prefill_tokens=64, max_model_len=128, async_scheduling=async_scheduling)
 
 
 def request(seq_id: int, prompt: list[int], grammars: Grammars | None = None, schema: dict | None = None,
@@ -95,11 +96,12 @@ def text(tokens: list[int]) -> str:
 PROMPTS = [[30, 31, 32], [40] * 6, [33, 34], [35], [36, 37, 38, 39]]
 
 
-def test_constrained_rows_follow_their_schema_beside_free_rows_in_the_same_steps(grammars):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])  # async: synchronous steps
+def test_constrained_rows_follow_their_schema_beside_free_rows_in_the_same_steps(grammars, async_scheduling):
     runner = FakeRunner()
     seqs = [request(0, PROMPTS[0], grammars, REPLY), request(1, PROMPTS[1]), request(2, PROMPTS[2], grammars, REPLY),
             request(3, PROMPTS[3]), request(4, PROMPTS[4], grammars, ANY_JSON_OBJECT, max_new_tokens=60)]
-    finished = run(core(runner), seqs)
+    finished = run(core(runner, async_scheduling=async_scheduling), seqs)
     for i in (0, 2):
         tokens, reason = finished[i]
         assert reason == "stop" and tokens[-1] == EOS
@@ -111,15 +113,20 @@ def test_constrained_rows_follow_their_schema_beside_free_rows_in_the_same_steps
     assert reason == "stop" and isinstance(json.loads(text(tokens)), dict)
     decodes = [step for step in runner.steps if len(step.sample_indices) == len(PROMPTS)]
     assert decodes, "constrained and free rows were never sampled in one step"
+    # a step with a constrained row is resolved at once; the free rows' steps after the last one are not
+    assert any(step.placeholders for step in runner.steps) == async_scheduling
+    assert not any(step.placeholders for step in decodes)
 
 
-def test_preemption_resumes_each_grammar_where_it_was(grammars):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_preemption_resumes_each_grammar_where_it_was(grammars, async_scheduling):
     def fresh():
         return [request(i, p, grammars, REPLY if i % 2 == 0 else None) for i, p in enumerate(PROMPTS)]
 
     roomy = run(core(num_blocks=200), fresh())
     runner = FakeRunner()
-    tight = run(core(runner, num_blocks=1 + 12), fresh())  # 48 tokens for 5 sequences of 14..40 tokens
+    # 48 tokens for 5 sequences of 14..40 tokens
+    tight = run(core(runner, num_blocks=1 + 12, async_scheduling=async_scheduling), fresh())
     assert tight == roomy
     computed = sum(len(step.token_ids) for step in runner.steps)
     assert computed > sum(len(p) + len(roomy[i][0]) - 1 for i, p in enumerate(PROMPTS))  # some were recomputed

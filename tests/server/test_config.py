@@ -33,6 +33,11 @@ def test_prefix_caching_is_on_unless_turned_off(monkeypatch):
     assert load_settings(["--enable_prefix_caching"]).enable_prefix_caching
 
 
+def test_async_scheduling_is_off_unless_turned_on():
+    assert not load_settings([]).async_scheduling
+    assert load_settings(["--async_scheduling"]).async_scheduling
+
+
 @pytest.mark.parametrize(
     "argv, named",
     [
@@ -46,6 +51,7 @@ def test_prefix_caching_is_on_unless_turned_off(monkeypatch):
         (["--no_such_flag=1"], "--no_such_flag"),
         (["--enable_grpc", "--host=127.0.0.1"], "host: .*gRPC server always listens on every interface"),
         (["--shutdown_timeout=-1"], "shutdown_timeout"),
+        (["--tensor_parallel_size=2", "--async_scheduling"], "async_scheduling: .*tensor_parallel_size 1"),
     ],
 )
 def test_invalid_settings_name_the_setting(argv, named):

@@ -314,6 +314,12 @@ the single-pod and multi-node forms. Takes (dict "plan" $plan "context" $).
 {{- if $m.enforceEager }}
 - --enforce_eager
 {{- end }}
+{{- if $m.asyncScheduling }}
+{{- if gt (int $plan.tp) 1 }}
+{{- fail (printf "model.asyncScheduling needs a tensor parallel size of 1 (got %d): the other ranks would need the tokens that only the first one samples" (int $plan.tp)) }}
+{{- end }}
+- --async_scheduling
+{{- end }}
 {{- with $plan.chatTemplate }}
 - --chat_template={{ . }}
 {{- end }}
