@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -82,10 +83,10 @@ def fit_threads_to_quota(cgroup_root: Path = CGROUP_ROOT, membership: str | None
     cores = _capped(affinity, quota)
     if cores >= affinity:
         return None
-    import torch
-
     os.environ["OMP_NUM_THREADS"] = str(cores)
-    torch.set_num_threads(cores)
+    torch = sys.modules.get("torch")
+    if torch is not None:  # already loaded: its OpenMP runtime read the variable then
+        torch.set_num_threads(cores)
     logger.info("torch threads: %d, the cgroup CPU quota (%.2f cores) being under the %d cores of the CPU affinity",
                 cores, quota, affinity)
     return cores
