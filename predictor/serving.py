@@ -60,25 +60,23 @@ def serve(settings: Settings, rank: Rank | None) -> int:
     """Rank 0 (or the only process): HTTP at once, readiness 503 until the engine core's process has loaded the
     model. This process does no tensor work: the core gets the cores."""
     torch.set_num_threads(1)
-    cores: list[ProcessCore] = []
-
-    def build() -> GenerationService:
-        cores.append(ProcessCore(run_core, settings, rank))
-        return build_service(settings, cores[0])
-
-    model = KServeModel(settings.served_model_name, build)
-    server = ModelServer(model, Limits.from_settings(settings), host=settings.host, http_port=settings.http_port,
-                         grpc_port=settings.grpc_port, enable_grpc=settings.enable_grpc)
-    app.install(kserve.model_server.app, model, api_key=settings.resolved_api_key,
-                max_request_bytes=settings.max_request_bytes, enable_shutdown=settings.enable_shutdown,
-                enable_model_repository=settings.enable_model_repository, log_requests=settings.log_requests,
-                shutdown_timeout=settings.shutdown_timeout)
-    threading.Thread(target=_load_or_exit, args=(model,), name="load", daemon=True).start()
-    server.start([])
-    if model.service is not None:
-        model.service.engine.stop()  # the core stops the other ranks and leaves the groups
-    elif cores:  # still loading
-        cores[0].kill()
+    core = ProcessCore(run_core, settings, rank)  # it loads the model while this process starts serving
+    model = KServeModel(settings.served_model_name, lambda: build_service(settings, core))
+    try:
+        server = ModelServer(model, Limits.from_settings(settings), host=settings.host,
+                             http_port=settings.http_port, grpc_port=settings.grpc_port,
+                             enable_grpc=settings.enable_grpc)
+        app.install(kserve.model_server.app, model, api_key=settings.resolved_api_key,
+                    max_request_bytes=settings.max_request_bytes, enable_shutdown=settings.enable_shutdown,
+                    enable_model_repository=settings.enable_model_repository, log_requests=settings.log_requests,
+                    shutdown_timeout=settings.shutdown_timeout)
+        threading.Thread(target=_load_or_exit, args=(model,), name="load", daemon=True).start()
+        server.start([])
+    finally:
+        if model.service is not None:
+            model.service.engine.stop()  # the core stops the other ranks and leaves the groups
+        else:  # still loading (or the server never started)
+            core.kill()
     return 0
 
 
