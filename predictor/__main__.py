@@ -60,10 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    from predictor.serving import run_follower, serve
-
     if rank is None or rank.leads:
-        return serve(settings, rank)
+        from predictor.core_entry import run_core
+        from predictor.engine.core_client import ProcessCore
+
+        core = ProcessCore(run_core, settings, rank)  # first: it imports and loads while the server is set up
+        from predictor.serving import serve
+
+        return serve(settings, core)
+    from predictor.serving import run_follower
+
     return run_follower(settings, rank)
 
 

@@ -22,7 +22,7 @@ from predictor.api.model_server import ModelServer
 from predictor.api.service import GenerationService, ModelShape
 from predictor.api.transport import Limits
 from predictor.config import Settings
-from predictor.core_process import load, run_core
+from predictor.core_process import load
 from predictor.engine import Engine
 from predictor.engine.core_client import CoreLoadFailed, CoreStopped, ProcessCore
 from predictor.engine.tp import Rank, close_process_groups, follow
@@ -56,11 +56,11 @@ def build_service(settings: Settings, core: ProcessCore) -> GenerationService:
     return GenerationService(engine, tokenizer, template, settings.generation_defaults(), ready.max_model_len, shape)
 
 
-def serve(settings: Settings, rank: Rank | None) -> int:
-    """Rank 0 (or the only process): HTTP at once, readiness 503 until the engine core's process has loaded the
-    model. This process does no tensor work: the core gets the cores."""
+def serve(settings: Settings, core: ProcessCore) -> int:
+    """Rank 0 (or the only process): HTTP at once, readiness 503 until the engine core's process (started by
+    __main__, predictor/core_entry.py) has loaded the model. This process does no tensor work: the core gets
+    the cores."""
     torch.set_num_threads(1)
-    core = ProcessCore(run_core, settings, rank)  # it loads the model while this process starts serving
     model = KServeModel(settings.served_model_name, lambda: build_service(settings, core))
     try:
         server = ModelServer(model, Limits.from_settings(settings), host=settings.host,
