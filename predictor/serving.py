@@ -22,7 +22,6 @@ from predictor.api.model_server import ModelServer
 from predictor.api.service import GenerationService, ModelShape
 from predictor.api.transport import Limits
 from predictor.config import Settings
-from predictor.core_process import load
 from predictor.engine import Engine
 from predictor.engine.core_client import CoreLoadFailed, CoreStopped, ProcessCore
 from predictor.engine.tp import Rank, close_process_groups, follow
@@ -81,6 +80,8 @@ def serve(settings: Settings, core: ProcessCore) -> int:
 
 
 def run_follower(settings: Settings, rank: Rank) -> int:
+    from predictor.core_process import load  # here: rank 0's HTTP process never loads a model
+
     for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 stops the others once it has drained (or the group breaks)
         signal.signal(sig, signal.SIG_IGN)
     try:
