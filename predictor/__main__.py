@@ -61,11 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from predictor.cpu_quota import fit_threads_to_quota
-    from predictor.serving import run_follower, serve
 
-    fit_threads_to_quota()  # a tensor-parallel rank has OMP_NUM_THREADS from its launcher
+    fit_threads_to_quota()  # before the core starts, which inherits it; a TP rank has it from its launcher
     if rank is None or rank.leads:
-        return serve(settings, rank)
+        from predictor.core_entry import run_core
+        from predictor.engine.core_client import ProcessCore
+
+        core = ProcessCore(run_core, settings, rank)  # first: it imports and loads while the server is set up
+        from predictor.serving import serve
+
+        return serve(settings, core)
+    from predictor.serving import run_follower
+
     return run_follower(settings, rank)
 
 

@@ -1,12 +1,11 @@
 """What every route needs between HTTP and the engine: the served model's name and readiness, prompt and chat
-encoding (off the event loop, bounded before tokenizing), structured-output grammars (compiled on threads of
-their own), the server's sampling defaults, and collecting generations."""
+encoding (off the event loop, bounded before tokenizing), structured-output grammars (compiled on the
+engine core's threads), the server's sampling defaults, and collecting generations."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -56,7 +55,6 @@ class ModelShape:
     vocab_size: int
 
 
-GRAMMAR_THREADS = 2
 
 
 class GenerationService:
@@ -68,9 +66,6 @@ class GenerationService:
         self.defaults = defaults
         self.max_model_len = max_model_len
         self.shape = shape
-        # Grammars compile here, not in the default executor that tokenization (and KServe) use: large schemas
-        # take seconds, and a burst of them must not hold the other requests' tokenization.
-        self._grammar_threads = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar")
 
     @cached_property
     def max_prompt_chars(self) -> int:
@@ -130,13 +125,11 @@ class GenerationService:
             raise InvalidRequest(first_field(err, field), err.errors()[0]["msg"]) from None
 
     async def prepare(self, params: SamplingParams, field: str) -> None:
-        """Compile params' structured-output grammar on the grammar threads (a large schema takes a while), so
+        """Compile params' structured-output grammar on the core's grammar threads (a large schema takes a while), so
         that start() finds it compiled; a schema too large is refused at once, one that cannot be used after
         compiling, each a 400 naming field."""
         if params.structured_output is not None:
-            self.engine.check_grammar(params, field)
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._grammar_threads, self.engine.grammar, params, field)
+            await self.engine.compile_grammar(params, field)
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         return self.engine.submit(prompt_ids, params)

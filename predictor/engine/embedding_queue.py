@@ -1,4 +1,4 @@
-"""Embedding jobs waiting on the engine thread, computed between steps in padded batches of bounded size.
+"""Embedding jobs waiting in the core loop, computed between steps in padded batches of bounded size.
 
 A job is one request's prompts. Between two engine steps the engine takes one batch: prompts from the oldest
 jobs first, as many as fit `budget` tokens counted padded (rows x the longest prompt), at least one. So a burst
@@ -8,18 +8,17 @@ A job whose client left is dropped before its next prompt is taken: only what ha
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
 
 @dataclass(eq=False)
 class EmbeddingJob:
+    id: int
     prompts: list[list[int]]
-    future: asyncio.Future  # the vectors, in the prompts' order
-    vectors: list[list[float]] = field(default_factory=list)  # computed so far (engine thread)
-    taken: int = 0  # prompts handed to the runner so far (engine thread)
-    cancelled: bool = False  # its client left (set on the event loop, read by the engine thread)
+    vectors: list[list[float]] = field(default_factory=list)  # computed so far, in the prompts' order
+    taken: int = 0  # prompts handed to the runner so far
+    cancelled: bool = False  # its client left
 
     @property
     def complete(self) -> bool:
@@ -41,7 +40,7 @@ class EmbeddingQueue:
         self._jobs.append(job)
 
     def clear(self) -> None:
-        """Forget every job (their futures are answered on the event loop)."""
+        """Forget every job (the front answers their clients)."""
         self._jobs.clear()
 
     def drop_cancelled(self) -> int:

@@ -53,22 +53,31 @@ class Grammars:
 
     def check_size(self, json_schema: dict, field: str) -> str:
         """The schema serialized, if it is within max_schema_bytes; else an InvalidRequest naming field."""
-        text = json.dumps(json_schema)
-        size = len(text.encode())
-        if size > self.max_schema_bytes:
-            raise InvalidRequest(field, f"the JSON schema is {size} bytes, more than max_schema_bytes "
-                                        f"({self.max_schema_bytes})")
-        return text
+        return schema_text(json_schema, field, self.max_schema_bytes)
 
     def compile(self, json_schema: dict, field: str) -> Grammar:
         """The schema's grammar; a schema too large or that xgrammar cannot use is an InvalidRequest naming
         field."""
-        text = self.check_size(json_schema, field)
+        return self.compile_text(self.check_size(json_schema, field), field)
+
+    def compile_text(self, text: str, field: str) -> Grammar:
+        """The grammar of a schema schema_text() wrote; one that xgrammar cannot use is an InvalidRequest naming
+        field."""
         try:
             compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
         except (RuntimeError, ValueError, TypeError) as err:  # xgrammar's refusals of a schema it cannot use
             raise InvalidRequest(field, f"unusable JSON schema: {_CPP_LOCATION.sub('', str(err)).strip()}") from None
         return Grammar(compiled, self.stop_token_ids, self.spellings)
+
+
+def schema_text(json_schema: dict, field: str, max_schema_bytes: int) -> str:
+    """The schema serialized, if it is within max_schema_bytes; else an InvalidRequest naming field."""
+    text = json.dumps(json_schema)
+    size = len(text.encode())
+    if size > max_schema_bytes:
+        raise InvalidRequest(field, f"the JSON schema is {size} bytes, more than max_schema_bytes "
+                                    f"({max_schema_bytes})")
+    return text
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from predictor.engine import Engine, EngineOverloaded, Finished, InvalidRequest, SamplingParams
+from predictor.engine.core_client import ThreadCore
 
 from .test_core import FakeRunner, core
 
@@ -47,7 +48,7 @@ class Letters:
 
 def engine_over(runner: GatedRunner, max_queue: int = 64, max_prefill_tokens: int = 16) -> tuple[Engine, Counter]:
     outcomes: Counter = Counter()
-    engine = Engine(core(num_blocks=100, runner=runner, max_prefill_tokens=max_prefill_tokens), Letters(),
+    engine = Engine(ThreadCore(core(num_blocks=100, runner=runner, max_prefill_tokens=max_prefill_tokens)), Letters(),
                     max_model_len=64, max_queue=max_queue, eos_token_ids={0},
                     on_embeddings=lambda outcome, count: outcomes.update({outcome: count}))
     engine.start()

@@ -46,7 +46,7 @@ def bf16_llama():
 
 
 def runner_for(model, graphs: bool, num_blocks: int = 64, max_num_seqs: int = 8) -> ModelRunner:
-    """Started as serving.load starts it: the fast path prepared, the cache allocated, the graphs captured."""
+    """Started as core_process.load starts it: the fast path prepared, the cache allocated, the graphs captured."""
     runner = ModelRunner(model, block_size=BLOCK, max_model_len=256)
     fast_path = FastPath(runner, enforce_eager=not graphs, max_num_seqs=max_num_seqs)
     fast_path.prepare()

@@ -7,6 +7,7 @@ prompt and is not JSON; a constrained row's text must parse and validate whateve
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import jsonschema
@@ -14,7 +15,9 @@ import pytest
 import torch
 import xgrammar as xgr
 
+from predictor.engine import Engine, Finished
 from predictor.engine.core import EngineCore
+from predictor.engine.core_client import ThreadCore
 from predictor.engine.errors import InvalidRequest
 from predictor.engine.json_closing import StringState, way_to_finish
 from predictor.engine.model_inputs import ModelInputs
@@ -278,3 +281,53 @@ def test_keep_only_narrows_a_row_to_the_tokens_it_allowed():
     keep_only(bitmask, 1, [2])  # none of them allowed: the row stays as it was
     keep_only(bitmask, 1, None)
     assert [t for t in range(100) if (int(bitmask[1, t >> 5]) >> (t & 31)) & 1] == allowed[1]
+
+
+class Spelled:
+    """Enough of a tokenizer for the streams' detokenizer."""
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return text(ids)
+
+
+def test_through_the_engine_front_grammars_compile_on_the_core_s_threads(grammars):
+    """The front sends the schema's text; the core loop compiles it off its step loop and adds the request once
+    compiled: the same tokens as a grammar handed to the core directly. A schema xgrammar refuses is an
+    InvalidRequest naming the field when compiled first (the routes do), and ends its stream with an error when
+    a request skipped that; a request aborted while its grammar compiles is cancelled."""
+    engine = Engine(ThreadCore(core(), grammars), Spelled(), max_model_len=128, max_queue=8, eos_token_ids={EOS},
+                    max_schema_bytes=1 << 15)
+    engine.start()
+    wanted = run(core(), [request(0, PROMPTS[0], grammars, REPLY)])[0]
+    reply = SamplingParams(temperature=0, max_new_tokens=40, structured_output=StructuredOutput(json_schema=REPLY))
+    unusable = SamplingParams(temperature=0, max_new_tokens=4,
+                              structured_output=StructuredOutput(json_schema={"type": "objectx"}))
+
+    async def events(stream) -> tuple[list[int], Finished]:
+        tokens = []
+        async for event in stream:
+            if isinstance(event, Finished):
+                return tokens, event
+            tokens += event.token_ids
+
+    async def scenario() -> None:
+        await engine.compile_grammar(reply, "response_format")
+        tokens, finished = await events(engine.submit(PROMPTS[0], reply))
+        assert (tokens, finished.finish_reason) == (wanted[0][:-1], wanted[1])  # EOS ends it, not shown
+        with pytest.raises(InvalidRequest, match=r'^response_format: unusable JSON schema: .*"objectx"'):
+            await engine.compile_grammar(unusable, "response_format")
+        _, refused = await events(engine.submit(PROMPTS[1], unusable))
+        assert refused.finish_reason == "error" and refused.error.startswith("unusable JSON schema")
+        slow = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(300)}}
+        compiling = engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=8,
+                                                             structured_output=StructuredOutput(json_schema=slow)))
+        compiling.cancel()
+        assert (await events(compiling))[1].finish_reason == "cancelled"
+        async with asyncio.timeout(10):
+            await engine.drained()
+        assert engine.stats["waiting"] == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.stop()

@@ -27,20 +27,31 @@ from predictor.engine.cuda_graphs import FAIL_CAPTURE_ENV
 PROMPTS = ["Hello", "The capital of France is", "Once upon a time, in a land far away, there lived a"]
 
 
-def ranks_of(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the processes our launcher started."""
+def process_parents() -> dict[int, int]:
     parents = {}
     for entry in Path("/proc").iterdir():
         try:
             parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (ValueError, OSError):
             continue
-    descendants, frontier = set(), {launcher_pid}
+    return parents
+
+
+def descendants_of(pid: int) -> set[int]:
+    parents = process_parents()
+    descendants, frontier = set(), {pid}
     while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - descendants
+        frontier = {child for child, parent in parents.items() if parent in frontier} - descendants
         descendants |= frontier
+    return descendants
+
+
+def ranks_of(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the processes our launcher started (rank 0's engine core, its child, shares its RANK)."""
     ranks = {}
-    for pid in descendants:
+    for pid, parent in process_parents().items():
+        if parent != launcher_pid:
+            continue
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -82,7 +93,7 @@ def test_tp2_gives_the_same_greedy_text_as_generate(tiny_llama, reference, tmp_p
         assert_tp_streams_n_choices_with_logprobs(server, reference)
         assert_tp_structured_output_validates(server)
         assert_tp_prefix_cache_hit_keeps_greedy_text(server, reference)
-        assert_only_http_faces_the_network(server, ranks_of(server.process.pid))
+        assert_only_http_faces_the_network(server, descendants_of(server.process.pid))
         assert_a_hung_follower_turns_readiness_503_and_ends_every_rank(server)
     finally:
         server.stop()
@@ -170,10 +181,10 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def assert_only_http_faces_the_network(server, ranks: dict[int, int]) -> None:
+def assert_only_http_faces_the_network(server, processes: set[int]) -> None:
     """The ranks' rendezvous and collectives listen on 127.0.0.1 (torchrun's agent listened on every interface)."""
     http_port = int(server.url.rsplit(":", 1)[1])
-    listening = listening_addresses([server.process.pid, *ranks.values()])
+    listening = listening_addresses([server.process.pid, *processes])
     assert {address for address, port in listening if port == http_port} == {"0.0.0.0"}
     assert {address for address, port in listening if port != http_port} == {"127.0.0.1"}, listening
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +28,14 @@ class LocalServer:
     log: Path
 
     def peak_rss_bytes(self) -> int | None:
-        """VmHWM: the most resident memory the process has had so far."""
+        """VmHWM, the most resident memory each process has had so far, summed over the server and its children
+        (our engine core's process, vLLM's)."""
         try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
+            pids = [self.process.pid, *(child.pid for child in psutil.Process(self.process.pid).children(True))]
+        except psutil.Error:
             return None
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return None
+        peaks = [_peak_rss(pid) for pid in pids]
+        return sum(peak for peak in peaks if peak) if peaks[0] is not None else None
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL to its whole process group: a server's helper processes (vLLM's engine core and
@@ -114,3 +114,14 @@ def start(log: Path, model_dir: Path | None, model_name: str, server_args: list[
     local = launch(log, model_dir, model_name, server_args, extra_env)
     wait_ready(local, f"/v1/models/{model_name}")
     return local
+
+
+def _peak_rss(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
