@@ -1,7 +1,7 @@
-"""The engine's step: schedule → execute → sample → update, on one thread that owns the model.
+"""The engine's step: schedule → execute → sample → update, in the engine core's process, which owns the model.
 
-Nothing here knows about asyncio or HTTP: step() returns what each sampled sequence got, and the Engine
-(predictor/engine/engine.py) turns that into stream events.
+Nothing here knows about processes, asyncio or HTTP: step() returns what each sampled sequence got, and the core
+loop (predictor/engine/core_loop.py) sends that to the HTTP process as one message per step.
 
 Async scheduling (vLLM v1's --async-scheduling) keeps one step in flight, so that the host's work for step N+1
 (scheduling, building its inputs) overlaps the device's for step N: step() launches N+1, then waits for N's tokens,

@@ -21,7 +21,6 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     stop_ids: frozenset[int]
-    stream: Any = None  # the front-end's handle for this request; the core only passes it along with events
     output_token_ids: list[int] = field(default_factory=list)
     # Async scheduling: tokens sampled on the device that the host does not know yet. They count in num_tokens, so
     # the scheduler computes the next one as a placeholder whose id the runner fills on the device.
