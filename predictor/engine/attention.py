@@ -3,10 +3,12 @@
 A step's tokens arrive packed in one row, [1, T]: first the prefill chunks (query length > 1), then the decodes
 (query length 1). PagedKVCache.update writes each token's keys and values into its slot; the attention
 function then reads every sequence's context from its blocks:
-- prefill chunks one by one with torch's SDPA (causal; a chunk after cached context gathers that context), and
-  on the CPU the decodes the same way: one small SDPA per sequence over its own context beats one batched SDPA
-  over contexts gathered and padded to the longest (101 -> 53 ms per step at 32 decodes of 300 tokens), except
-  decodes that share a prefix's blocks, which read it once together (cascade_attention.py);
+- prefill chunks one by one with torch's SDPA (causal; a chunk after cached context gathers that context);
+- on the CPU, decodes that share a prefix's blocks read it once together (cascade_attention.py), and the rest
+  go together through a C kernel that reads their blocks in place (cpu_decode_attention.py). Without a C
+  compiler they are attended one by one like prefill chunks: one small SDPA per sequence over its gathered
+  context beats one batched SDPA over contexts gathered and padded to the longest (101 -> 53 ms per step at 32
+  decodes of 300 tokens);
 - on CUDA, decodes together, with the Triton kernel or, without Triton, by gathering their blocks for one
   batched SDPA. The Triton path reads lengths and block tables from device tensors only, so it can be captured
   in a CUDA graph.
@@ -25,7 +27,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from predictor.engine import cpu_decode_attention
 from predictor.engine.cascade_attention import CascadePlan, cascade_decode_attention
+from predictor.engine.cpu_decode_attention import CpuDecodes
 
 PAGED_ATTENTION = "predictor_paged"
 
@@ -48,7 +52,8 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [D, max_blocks]
     decode_max_len: int | None  # host copy of max(decode_seq_lens) for the gathering path; None: not known on the host
     use_triton: bool = False
-    cascade: CascadePlan | None = None  # looped decodes that share a prefix, attended by groups (CPU)
+    cascade: CascadePlan | None = None  # decodes that share a prefix, attended by groups (CPU)
+    cpu_decodes: CpuDecodes | None = None  # the batched decodes outside cascade groups, for the CPU kernel
 
     @property
     def num_decodes(self) -> int:
@@ -126,6 +131,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
 
             out[meta.decode_start:] = paged_decode_attention(decodes, k_cache, v_cache, meta.decode_block_tables,
                                                              meta.decode_seq_lens, scaling)
+        elif meta.cpu_decodes is not None:
+            if meta.cpu_decodes.count:
+                cpu_decode_attention.paged_decode_attention(q, k_cache, v_cache, meta.cpu_decodes, scaling, out)
         else:
             out[meta.decode_start:] = decode_attention_gathered(decodes, k_cache, v_cache, meta, scaling)
     return out[None], None

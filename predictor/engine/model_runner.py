@@ -20,9 +20,11 @@ import torch
 from transformers.cache_utils import Cache
 
 from predictor import model_facts
+from predictor.engine import cpu_decode_attention
 from predictor.engine.attention import PAGED_ATTENTION, AttentionMetadata
 from predictor.engine.block_manager import SCRATCH_BLOCK
 from predictor.engine.cascade_attention import plan_cascade
+from predictor.engine.cpu_decode_attention import CpuDecodes
 from predictor.engine.cuda_graphs import DecodeGraphs
 from predictor.engine.kv_cache import MaskLayout, PagedKVCache
 from predictor.engine.model_inputs import HEADER, ModelInputs, upload
@@ -75,7 +77,9 @@ class ModelRunner:
         if self.paged:
             model.set_attn_implementation(PAGED_ATTENTION)
         self.use_triton = self.paged and self.device.type == "cuda" and triton_available()
-        self.loop_decodes = self.device.type != "cuda"  # attended one by one, like prefill chunks: attention.py
+        self.cpu_kernel = self.paged and self.device.type == "cpu" and self._cpu_kernel_loads()
+        # Without a kernel, the CPU attends decodes one by one, like prefill chunks (attention.py).
+        self.loop_decodes = self.device.type != "cuda" and not self.cpu_kernel
         self.cache: PagedKVCache | None = None
         self.graphs: DecodeGraphs | None = None  # captured over self.cache: allocating another drops them
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -110,11 +114,25 @@ class ModelRunner:
             return self._forward_paged(inputs, step)
         return self._forward_masked(inputs, step)
 
+    def _cpu_kernel_loads(self) -> bool:
+        heads = self.model.config.get_text_config().num_attention_heads
+        why_not = cpu_decode_attention.supports(self.dtype, heads, self.kv_heads, self.head_dim, self.block_size)
+        if why_not is None:
+            try:
+                library = cpu_decode_attention.kernel()
+            except (cpu_decode_attention.KernelUnavailable, OSError) as err:
+                why_not = str(err)
+        if why_not is not None:
+            logger.warning("CPU decode attention kernel off (decodes gather their context instead): %s", why_not)
+            return False
+        logger.info("CPU decode attention: the C kernel reads the KV blocks in place (%s)", library._name)
+        return True
+
     def _forward_paged(self, inputs: ModelInputs, step: StepTensors) -> torch.Tensor:
         looped = len(inputs.query_lens) if self.loop_decodes else inputs.num_prefills
         starts = inputs.query_starts
         cascade = plan_cascade(inputs.block_tables, inputs.seq_lens, starts, inputs.num_prefills, self.block_size,
-                               self.dtype) if self.loop_decodes else None
+                               self.dtype) if self.loop_decodes or self.cpu_kernel else None
         meta = AttentionMetadata(
             cache=self.cache,
             chunk_query_starts=starts[: looped + 1],
@@ -126,12 +144,22 @@ class ModelRunner:
             decode_max_len=max(inputs.seq_lens[looped:], default=0),
             use_triton=self.use_triton,
             cascade=cascade,
+            cpu_decodes=self._cpu_decodes(inputs, step, cascade) if self.cpu_kernel else None,
         )
         self.cache.slot_mapping = step.slot_mapping
         out = self.model(input_ids=step.token_ids[None], position_ids=step.positions[None],
                          past_key_values=self.cache, use_cache=True, attention_metadata=meta,
                          logits_to_keep=step.sample_indices)
         return out.logits[0]
+
+    @staticmethod
+    def _cpu_decodes(inputs: ModelInputs, step: StepTensors, cascade) -> CpuDecodes:
+        """The decodes the CPU kernel attends: all but those a cascade group attends."""
+        grouped = cascade.chunks if cascade else frozenset()
+        starts = inputs.query_starts
+        seqs = [i for i in range(inputs.num_prefills, len(inputs.query_lens)) if i not in grouped]
+        return CpuDecodes(torch.tensor([starts[i] for i in seqs], dtype=torch.int64),
+                          torch.tensor(seqs, dtype=torch.int64), step.block_tables, step.seq_lens)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] of last hidden states [N, hidden], as the model's forward computes them after its base

@@ -1,5 +1,6 @@
-"""Decode attention over the paged cache: the per-sequence loop (CPU) equals the batched gather (CUDA without
-Triton), alone and inside a model's forward; tests/engine/test_triton_attention.py holds the kernel to the gather."""
+"""Decode attention over the paged cache: the per-sequence loop (CPU without its kernel) equals the batched gather
+(CUDA without Triton), alone and inside a model's forward; tests/engine/test_triton_attention.py and
+test_cpu_decode_attention.py hold the kernels to SDPA."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def test_a_model_decoding_through_the_batched_gather_equals_generate():
     prompts = PROMPTS[:3]
     expected = [generate(model, p, 6) for p in prompts]
     runner = ModelRunner(model, block_size=16, max_model_len=128)
-    runner.loop_decodes = False
+    runner.loop_decodes = runner.cpu_kernel = False
     outputs, _ = serve_greedy(runner, prompts, 6, num_blocks=32)
     assert outputs == expected
 

@@ -325,6 +325,7 @@ def test_serves_the_demo_from_mnt_models_as_uid_1000_with_full_verification(demo
         assert body["model"] == MODEL_NAME and body["usage"]["completion_tokens"] == 5
         assert isinstance(body["choices"][0]["text"], str) and body["choices"][0]["text"]
         assert server_uids(port) == {1000}
+        assert "CPU decode attention: the C kernel reads the KV blocks in place" in container.output()
     finally:
         container.stop()
 
