@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from predictor import model_facts
-from predictor.engine import cpu_decode_attention
+from predictor.engine import cpu_decode_attention, cpu_linear
 from predictor.engine.attention import PAGED_ATTENTION, AttentionMetadata
 from predictor.engine.block_manager import SCRATCH_BLOCK
 from predictor.engine.cascade_attention import plan_cascade
@@ -78,6 +78,8 @@ class ModelRunner:
             model.set_attn_implementation(PAGED_ATTENTION)
         self.use_triton = self.paged and self.device.type == "cuda" and triton_available()
         self.cpu_kernel = self.paged and self.device.type == "cpu" and self._cpu_kernel_loads()
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            self._pack_linears()
         # Without a kernel, the CPU attends decodes one by one, like prefill chunks (attention.py).
         self.loop_decodes = self.device.type != "cuda" and not self.cpu_kernel
         self.cache: PagedKVCache | None = None
@@ -127,6 +129,13 @@ class ModelRunner:
             return False
         logger.info("CPU decode attention: the C kernel reads the KV blocks in place (%s)", library._name)
         return True
+
+    def _pack_linears(self) -> None:
+        why_not = cpu_linear.unavailable()
+        if why_not is not None:
+            logger.warning("CPU linear layers unpacked (MKL repacks each weight per call): %s", why_not)
+            return
+        logger.info("CPU linear layers: %d weights reordered once for oneDNN", cpu_linear.pack_linears(self.model))
 
     def _forward_paged(self, inputs: ModelInputs, step: StepTensors) -> torch.Tensor:
         looped = len(inputs.query_lens) if self.loop_decodes else inputs.num_prefills
