@@ -7,7 +7,7 @@ import xgrammar as xgr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from predictor.engine.sampler import FAILED, GRAMMAR_DEAD_END, Sampler
+from predictor.engine.sampler import FAILED, GRAMMAR_DEAD_END, Sampler, row_argmax
 from predictor.engine.sampling_params import SamplingParams
 from predictor.engine.sequence import Sequence
 from predictor.engine.structured_output import Grammars
@@ -116,6 +116,23 @@ def test_a_row_of_nan_fails_alone():
     logits[1, 4] = float("nan")
     out = sample(logits, sequences({"temperature": 0}, {"temperature": 0}, {"temperature": 1.0, "seed": 1}))
     assert out.tokens[1] == FAILED and out.tokens[0] == int(logits[0].argmax()) and 0 <= out.tokens[2] < VOCAB
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 5), vocab=st.sampled_from([512, 513, 640, 1000, 32000, 32001]),
+       kind=st.sampled_from(["normal", "ties", "last column", "nan", "-inf"]), seed=st.integers(0, 2**16))
+def test_row_argmax_is_argmax_first_maximum_included(rows, vocab, kind, seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, vocab, generator=generator)
+    if kind == "ties":  # few distinct values: maxima repeat across and within blocks
+        scores = torch.randint(-2, 2, (rows, vocab), generator=generator).float()
+    elif kind == "last column":
+        scores[:, -1] = scores.max() + 1
+    elif kind == "nan":
+        scores[0, vocab // 3] = scores[0, vocab // 2] = float("nan")
+    elif kind == "-inf":
+        scores[0] = float("-inf")
+    assert torch.equal(row_argmax(scores), scores.argmax(dim=-1))
 
 
 extreme_floats = st.one_of(st.sampled_from([5e-324, 1e-300, 1e-45, 1e-38, 1e-7]), st.floats(1e-300, 1.0))
