@@ -142,19 +142,20 @@ def test_ratios_read_higher_is_better_for_us(tmp_path):
 
 
 def test_our_side_of_a_run_end_to_end(tiny_llama, tmp_path, capsys, monkeypatch):
-    """--skip_vllm: everything but vLLM, through our real server over /v1/completions."""
+    """--skip_vllm: everything but vLLM, through our real server over /v1/completions, its engine on one thread."""
     for key, value in predictor_env().items():
         monkeypatch.setenv(key, value)
     code = main(["bench-peers", "--skip_vllm", "--models", str(tiny_llama), "--concurrency", "1,2",
                  "--min_wave_requests", "2", "--prompt_tokens", "24", "--max_tokens", "4", "--prefix_tokens", "64",
                  "--suffix_tokens", "8", "--prefix_max_tokens", "4", "--max_model_len", "256", "--max_num_seqs", "4",
-                 "--kv_cache_gib", "1", "--quiet_wait_s", "0", "--results_dir", str(tmp_path)])
+                 "--kv_cache_gib", "1", "--quiet_wait_s", "0", "--our_threads", "1", "--results_dir", str(tmp_path)])
     assert code == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"results: {tmp_path}")
     (run_dir,) = tmp_path.iterdir()
     data = json.loads((run_dir / "results.json").read_text())
     (ours,) = data["models"][0]["servers"]
     assert ours["problems"] == [] and ours["first_ttft_s"] > 0 and ours["second_ttft_s"] > 0
+    assert ours["command"].startswith("OMP_NUM_THREADS=1 python -m predictor")
     assert [(w["workload"], w["streams"], w["generated_tokens"]) for w in ours["waves"]] == [
         (PLAIN, 1, 8), (PLAIN, 2, 8), (PREFIX, 1, 8), (PREFIX, 2, 8)]
     assert all(w["server_cores"] > 0 and w["others_cores"] >= 0 for w in ours["waves"])

@@ -54,6 +54,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max_num_seqs", type=int, default=64, help="both servers' sequences per batch")
     parser.add_argument("--max_model_len", type=int, default=2048, help="both servers' tokens per sequence")
     parser.add_argument("--kv_cache_gib", type=int, default=2, help="both servers' KV cache, GiB (default 2)")
+    parser.add_argument("--our_threads", type=int, default=None,
+                        help="our engine's OpenMP threads (OMP_NUM_THREADS; default: every usable core, as vLLM's "
+                             "'all'; one fewer keeps a core for the front-end and the client, as vLLM's default)")
     parser.add_argument("--our_args", default="", help="more flags for our server, one shell-quoted string "
                                                        "(e.g. '--enable_prefix_caching=false')")
     parser.add_argument("--vllm_args", default="", help="more flags for vLLM's api_server, one shell-quoted string")
@@ -73,6 +76,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--concurrency: not comma-separated integers: {args.concurrency!r}")
     args.models = [m for m in args.models.split(",") if m]
     args.vllm_binds = [] if args.skip_vllm else [b for b in args.vllm_binds.split(",") if b]
+    if args.our_threads is not None and args.our_threads < 1:
+        parser.error(f"--our_threads must be at least 1, not {args.our_threads}")
     if min(args.concurrency) < 1 or max(args.concurrency) > args.max_num_seqs:
         parser.error(f"--concurrency must be between 1 and --max_num_seqs ({args.max_num_seqs})")
     if args.prompt_tokens + args.max_tokens > args.max_model_len:
@@ -124,6 +129,11 @@ def measure(args, python: Path | None, run_dir: Path) -> PeerRun:
     return run
 
 
+def our_threads(args) -> int:
+    """Every usable core unless --our_threads says otherwise (tests/servers.py runs the server so too)."""
+    return args.our_threads or len(vllm.usable_cores())
+
+
 def our_flags(args) -> list[str]:
     return [f"--max_num_seqs={args.max_num_seqs}", f"--max_model_len={args.max_model_len}",
             f"--kv_cache_bytes={args.kv_cache_gib}GiB", "--device=cpu", "--dtype=float32",
@@ -131,7 +141,7 @@ def our_flags(args) -> list[str]:
 
 
 def measure_ours(args, name: str, model_dir: Path, workload: PeerWorkload, run_dir: Path) -> ServerRun:
-    threads = {"OMP_NUM_THREADS": str(len(vllm.usable_cores()))}  # as tests/servers.py runs it
+    threads = {"OMP_NUM_THREADS": str(our_threads(args))}
     flags = our_flags(args)
     record = ServerRun(OURS, f"OMP_NUM_THREADS={threads['OMP_NUM_THREADS']} python -m predictor {' '.join(flags)}")
     return measure_server(args, record, name, workload,
@@ -233,15 +243,14 @@ def describe_workload(args) -> dict[str, str]:
 
 
 def run_notes(args) -> list[str]:
-    cores = vllm.usable_cores()
     return [
         f"each server is started alone on the same model directory (fp32), max_num_seqs {args.max_num_seqs}, "
         f"max_model_len {args.max_model_len}, a {args.kv_cache_gib} GiB KV cache, 2048 prompt tokens per step "
         "(our --max_prefill_tokens default, vLLM's CPU default max_num_batched_tokens); measured after a warm-up "
         "wave at the largest concurrency; other settings are each server's defaults (vLLM: prefix caching and "
         "chunked prefill on)",
-        f"cores: ours runs OMP_NUM_THREADS={len(cores)}, unpinned, its HTTP front-end in the same process; vLLM "
-        "'all cores' binds its OpenMP threads to the same cores, its front-end and engine-core processes "
+        f"cores: ours runs OMP_NUM_THREADS={our_threads(args)} in its engine process, unpinned, its HTTP front-end "
+        "in a process of its own; vLLM 'all cores' binds its OpenMP threads to the same cores, its front-end and engine-core processes "
         "unpinned; vLLM's default keeps one core for them, computing on the rest",
         "vLLM compiles the model with inductor at start-up (its default); ours runs eager PyTorch on the CPU",
         "the bench client runs on the same cores as the server measured, for both",
