@@ -29,7 +29,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode_cpu.c"
-COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
+# Reassociating sums lets the dot products and the softmax's sums vectorize; unlike -ffast-math it keeps infinities
+# and NaN (the online softmax starts from -inf, and a NaN must reach the sampler).
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
+                 "-fassociative-math", "-fno-signed-zeros")
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK_SIZE = 64, 256, 128  # keep a task's arrays (on its thread's stack) small
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 

@@ -13,11 +13,12 @@
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-static void prefetch_rows(const float *row, int64_t count, int64_t stride, int64_t width)
+/* The first line of each token's row: the hardware prefetcher streams the rest of it. Prefetching every line
+   (a thousand instructions a block) measured 10-25% slower. */
+static void prefetch_rows(const float *row, int64_t count, int64_t stride)
 {
     for (int64_t t = 0; t < count; t++)
-        for (int64_t offset = 0; offset < width; offset += 16)  /* 16 floats: one 64-byte line */
-            __builtin_prefetch(row + t * stride + offset, 0, 1);
+        __builtin_prefetch(row + t * stride, 0, 1);
 }
 
 static void attend(const float *q_row, int64_t q_head_stride, const float *k_cache, const float *v_cache,
@@ -26,7 +27,7 @@ static void attend(const float *q_row, int64_t q_head_stride, const float *k_cac
                    float *out_row, int64_t out_head_stride)
 {
     const int64_t rows = kv_count * group;  /* query heads of this task, in order */
-    const int64_t block_stride = block_size * token_stride, width = kv_count * head_dim;
+    const int64_t block_stride = block_size * token_stride;
     float query[rows][head_dim], acc[rows][head_dim], scores[rows][block_size], top[rows], mass[rows];
 
     for (int64_t r = 0; r < rows; r++) {
@@ -46,8 +47,8 @@ static void attend(const float *q_row, int64_t q_head_stride, const float *k_cac
         if (start + block_size < len) {
             const int64_t next = table[block + 1] * block_stride + first_kv * head_dim;
             const int64_t next_tokens = min64(len - start - block_size, block_size);
-            prefetch_rows(k_cache + next, next_tokens, token_stride, width);
-            prefetch_rows(v_cache + next, next_tokens, token_stride, width);
+            prefetch_rows(k_cache + next, next_tokens, token_stride);
+            prefetch_rows(v_cache + next, next_tokens, token_stride);
         }
 
         for (int64_t t = 0; t < tokens; t++) {
@@ -66,11 +67,14 @@ static void attend(const float *q_row, int64_t q_head_stride, const float *k_cac
             for (int64_t t = 0; t < tokens; t++)
                 tile_top = scores[r][t] > tile_top ? scores[r][t] : tile_top;
             const float rescale = expf(top[r] - tile_top);  /* 0 on the first tile: top was -inf */
-            float sum = mass[r] * rescale;
+            float sum = 0.0f;
+            #pragma omp simd reduction(+:sum)
             for (int64_t t = 0; t < tokens; t++) {
-                scores[r][t] = expf(scores[r][t] - tile_top);
-                sum += scores[r][t];
+                const float p = expf(scores[r][t] - tile_top);
+                scores[r][t] = p;
+                sum += p;
             }
+            sum += mass[r] * rescale;
             top[r] = tile_top;
             mass[r] = sum;
             #pragma omp simd
