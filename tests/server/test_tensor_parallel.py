@@ -129,8 +129,10 @@ def assert_a_hung_follower_turns_readiness_503_and_ends_every_rank(server) -> No
         for poller in pollers:
             poller.join()
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the launcher may have ended it already (SIGKILL ends a stopped one)
-            os.kill(ranks[1], signal.SIGCONT)  # so that the launcher's SIGTERM can end it
+        # So that the launcher's SIGTERM can end it; the launcher may have killed it already (SIGKILL ends a stopped
+        # process).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(ranks[1], signal.SIGCONT)
     assert all(seen[-1] == "gone" for seen in answers.values()), answers
     assert all(set(seen) <= {200, 503, "gone"} for seen in answers.values()), answers
     assert any(503 in seen for seen in answers.values()), answers

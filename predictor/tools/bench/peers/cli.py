@@ -250,8 +250,8 @@ def run_notes(args) -> list[str]:
         "wave at the largest concurrency; other settings are each server's defaults (vLLM: prefix caching and "
         "chunked prefill on)",
         f"cores: ours runs OMP_NUM_THREADS={our_threads(args)} in its engine process, unpinned, its HTTP front-end "
-        "in a process of its own; vLLM 'all cores' binds its OpenMP threads to the same cores, its front-end and engine-core processes "
-        "unpinned; vLLM's default keeps one core for them, computing on the rest",
+        "in a process of its own; vLLM 'all cores' binds its OpenMP threads to the same cores, its front-end and "
+        "engine-core processes unpinned; vLLM's default keeps one core for them, computing on the rest",
         "vLLM compiles the model with inductor at start-up (its default); ours runs eager PyTorch on the CPU",
         "the bench client runs on the same cores as the server measured, for both",
         "the machine is shared: the load average is recorded per server; compare ratios within one run",
