@@ -40,6 +40,7 @@ from predictor.engine.tp import (
     close_process_groups,
     init_process_groups,
 )
+from predictor.host_memory import keep_freed_memory
 from predictor.kv_sizing import KVCachePlan, log_plan, plan_kv_cache
 from predictor.tools.demo import ensure_demo_model
 from predictor.tools.manifest import ManifestError, verify_manifest
@@ -90,6 +91,8 @@ def load(settings: Settings, rank: Rank | None) -> Loaded:
         liveness.start()
     runner.allocate_kv_cache(plan.num_blocks)  # the whole cache now, so memory runs out at load, not under load
     fast_path.capture()
+    if device.type == "cpu":  # the steps' activations live in host memory
+        keep_freed_memory()
     logger.info("loaded %s: %s on %s, tp=%d, max_model_len %d", model_dir, dtype, device, tp_size, max_model_len)
     log_plan(plan, runner, max_model_len)
     return Loaded(model_dir, config, runner, plan, max_model_len, control, liveness)

@@ -38,6 +38,12 @@ def test_openai_completions_match_generate_under_concurrency(server, reference):
         assert choice["finish_reason"] in ("length", "stop")
 
 
+def test_the_cpu_engine_keeps_the_memory_its_steps_free(server):
+    """predictor/host_memory.py, set in the engine process once the model is loaded: the parity tests here run
+    with it."""
+    assert "host memory: freed blocks below 32 MiB stay in malloc's heap for the next step" in server.output()
+
+
 def test_v1_predict_matches_generate_under_concurrency(server, reference):
     instances = [{"prompt": p, "parameters": {"max_new_tokens": 20 - i, "temperature": 0}}
                  for i, p in enumerate(PROMPTS)]
