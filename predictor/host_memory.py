@@ -4,8 +4,8 @@ A forward on the CPU allocates its activations afresh at every step: a 2,048-tok
 makes dozens of 4-11 MB tensors per layer. glibc hands sizes above its mmap threshold to the kernel (mmap, then
 munmap on free) and trims the top of its heap once about twice that threshold lies free there, so the next step's
 tensors fault their pages back in, each zeroed by the kernel: ~100,000-290,000 page faults per 64-stream wave of
-the demo model in the engine process. Fixed thresholds keep those bytes in the heap (tcmalloc and jemalloc, which
-vLLM's CPU build preloads, keep them too): ~1,000 faults per wave. The cost is that up to TRIM_THRESHOLD bytes the
+the demo model in the engine process. Fixed thresholds keep those bytes in the heap, as tcmalloc does (vLLM's CPU
+guide asks for it to be preloaded): ~1,000 faults per wave. The cost is that up to TRIM_THRESHOLD bytes the
 engine freed stay resident. Set after the model is loaded, so that what loading alone needed is returned as
 before; only on the CPU, where the activations live in host memory.
 """
@@ -33,7 +33,7 @@ def keep_freed_memory() -> str | None:
         logger.info("host memory: freed blocks below %d MiB stay in malloc's heap for the next step (up to %d MiB "
                     "of them kept)", MMAP_THRESHOLD >> 20, TRIM_THRESHOLD >> 20)
     else:
-        logger.info("host memory: malloc's defaults kept: %s", why_not)
+        logger.info("host memory: malloc left as it is: %s", why_not)
     return why_not
 
 
